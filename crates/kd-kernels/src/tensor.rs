@@ -1,0 +1,231 @@
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+
+use crate::device::CudaDevice;
+use crate::{Device, Error, Result};
+
+/// A dense row-major f32 array on one device.
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+pub enum Storage {
+    Cpu(Vec<f32>),
+    Cuda { data: CudaSlice<f32>, device: Arc<CudaDevice> },
+}
+
+fn cuda_err(e: impl std::fmt::Display) -> Error {
+    Error::Cuda(e.to_string())
+}
+
+impl Tensor {
+    pub fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(vec![0.0; n]),
+            Device::Cuda(d) => {
+                Storage::Cuda { data: d.stream.alloc_zeros::<f32>(n).map_err(cuda_err)?, device: d.clone() }
+            }
+        };
+        Ok(Tensor { shape: shape.to_vec(), storage })
+    }
+
+    pub fn from_vec(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if data.len() != n {
+            return Err(Error::shape("Tensor::from_vec", format!("{} values for shape {shape:?}", data.len())));
+        }
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(data),
+            Device::Cuda(d) => Storage::Cuda { data: d.stream.clone_htod(&data).map_err(cuda_err)?, device: d.clone() },
+        };
+        Ok(Tensor { shape: shape.to_vec(), storage })
+    }
+
+    pub fn from_slice(data: &[f32], shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(data.to_vec(), shape, device)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size of the last dimension (1 for a scalar).
+    pub fn last_dim(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    /// Number of rows when the tensor is read as `[numel / last_dim, last_dim]`.
+    pub fn rows(&self) -> usize {
+        self.numel() / self.last_dim().max(1)
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda { device, .. } => Device::Cuda(device.clone()),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
+    }
+
+    /// Same data, another shape with the same number of elements.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(Error::shape("Tensor::reshape", format!("{:?} -> {shape:?}", self.shape)));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// The host slice of a CPU tensor; `op` names the caller in the error for a CUDA tensor.
+    pub fn cpu(&self) -> Result<&[f32]> {
+        match &self.storage {
+            Storage::Cpu(v) => Ok(v),
+            Storage::Cuda { .. } => Err(Error::invalid("Tensor::cpu", "tensor lives on a CUDA device")),
+        }
+    }
+
+    pub fn cpu_mut(&mut self) -> Result<&mut [f32]> {
+        match &mut self.storage {
+            Storage::Cpu(v) => Ok(v),
+            Storage::Cuda { .. } => Err(Error::invalid("Tensor::cpu_mut", "tensor lives on a CUDA device")),
+        }
+    }
+
+    /// Copies the values to a host vector, from any device.
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        match &self.storage {
+            Storage::Cpu(v) => Ok(v.clone()),
+            Storage::Cuda { data, device } => device.stream.clone_dtoh(data).map_err(cuda_err),
+        }
+    }
+
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(self.to_vec()?, &self.shape, device)
+    }
+
+    /// Overwrites every element with `value`.
+    pub fn fill(&mut self, value: f32) -> Result<()> {
+        match &mut self.storage {
+            Storage::Cpu(v) => {
+                v.fill(value);
+                Ok(())
+            }
+            Storage::Cuda { data, device } => {
+                let host = vec![value; data.len()];
+                device.stream.memcpy_htod(&host, data).map_err(cuda_err)
+            }
+        }
+    }
+}
+
+impl Tensor {
+    /// A copy on the same device (a device copy can fail, so this is no `Clone`).
+    pub fn try_clone(&self) -> Result<Tensor> {
+        let storage = match &self.storage {
+            Storage::Cpu(v) => Storage::Cpu(v.clone()),
+            Storage::Cuda { data, device } => {
+                Storage::Cuda { data: device.stream.clone_dtod(data).map_err(cuda_err)?, device: device.clone() }
+            }
+        };
+        Ok(Tensor { shape: self.shape.clone(), storage })
+    }
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?} on {})", self.shape, self.device())
+    }
+}
+
+/// The device that all of an op's tensors share, or an error naming the op.
+pub fn common_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
+    let first = tensors[0].device();
+    for t in &tensors[1..] {
+        let d = t.device();
+        if !first.same(&d) {
+            return Err(Error::DeviceMismatch { op, a: first.to_string(), b: d.to_string() });
+        }
+    }
+    Ok(first)
+}
+
+/// Errors unless `t` has exactly `shape`; `what` names the argument in the message.
+pub fn expect_shape(op: &'static str, what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.shape() != shape {
+        return Err(Error::shape(op, format!("{what} is {:?}, expected {shape:?}", t.shape())));
+    }
+    Ok(())
+}
+
+/// Integer data that ops index with (token ids, labels), on one device.
+pub struct IdTensor {
+    shape: Vec<usize>,
+    storage: IdStorage,
+}
+
+pub enum IdStorage {
+    Cpu(Vec<u32>),
+    Cuda { data: CudaSlice<u32>, device: Arc<CudaDevice> },
+}
+
+impl IdTensor {
+    pub fn from_vec(data: Vec<u32>, shape: &[usize], device: &Device) -> Result<IdTensor> {
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(Error::shape("IdTensor::from_vec", format!("{} values for shape {shape:?}", data.len())));
+        }
+        let storage = match device {
+            Device::Cpu => IdStorage::Cpu(data),
+            Device::Cuda(d) => {
+                IdStorage::Cuda { data: d.stream.clone_htod(&data).map_err(cuda_err)?, device: d.clone() }
+            }
+        };
+        Ok(IdTensor { shape: shape.to_vec(), storage })
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            IdStorage::Cpu(_) => Device::Cpu,
+            IdStorage::Cuda { device, .. } => Device::Cuda(device.clone()),
+        }
+    }
+
+    pub fn storage(&self) -> &IdStorage {
+        &self.storage
+    }
+
+    pub fn cpu(&self) -> Result<&[u32]> {
+        match &self.storage {
+            IdStorage::Cpu(v) => Ok(v),
+            IdStorage::Cuda { .. } => Err(Error::invalid("IdTensor::cpu", "ids live on a CUDA device")),
+        }
+    }
+
+    pub fn to_vec(&self) -> Result<Vec<u32>> {
+        match &self.storage {
+            IdStorage::Cpu(v) => Ok(v.clone()),
+            IdStorage::Cuda { data, device } => device.stream.clone_dtoh(data).map_err(cuda_err),
+        }
+    }
+}

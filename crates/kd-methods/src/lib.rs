@@ -1,0 +1,1 @@
+//! kd-methods: data, metrics, the trainer and the KD methods.

@@ -1,0 +1,1 @@
+//! kd-model: a BERT encoder built on kd-kernels.
