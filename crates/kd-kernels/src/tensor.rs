@@ -229,3 +229,22 @@ impl IdTensor {
         }
     }
 }
+
+impl Tensor {
+    /// Gives the tensor a new shape, keeping the values that still fit. On the CPU this reuses
+    /// the allocation while the new size is within its capacity, so per-batch buffers sized for
+    /// the largest batch never reallocate when a later batch is shorter.
+    pub fn resize(&mut self, shape: &[usize]) -> Result<()> {
+        let n: usize = shape.iter().product();
+        match &mut self.storage {
+            Storage::Cpu(v) => v.resize(n, 0.0),
+            Storage::Cuda { data, device } => {
+                if data.len() != n {
+                    *data = device.stream.alloc_zeros::<f32>(n).map_err(cuda_err)?;
+                }
+            }
+        }
+        self.shape = shape.to_vec();
+        Ok(())
+    }
+}
