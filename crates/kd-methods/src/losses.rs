@@ -1,0 +1,90 @@
+//! The distillation losses of DESIGN.md ("Loss conventions"), written over model activations.
+//! Each returns its value and accumulates its gradient, times `weight`, into the student's
+//! [`OutputGrads`], so a method's objective is a weighted sum of calls.
+
+use kd_kernels::ops::cross_entropy::{self as ce_ops, Targets};
+use kd_kernels::ops::hidden_mse as mse_ops;
+use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, SoftmaxKl};
+use kd_kernels::{Device, IdTensor, Tensor};
+use kd_model::bert::{Activations, OutputGrads};
+
+use crate::{Error, Result};
+
+fn sum(t: &Tensor) -> Result<f32> {
+    Ok(t.to_vec()?.iter().map(|&v| v as f64).sum::<f64>() as f32)
+}
+
+fn logits_of<'a>(acts: &'a Activations, who: &str) -> Result<&'a Tensor> {
+    acts.logits.as_ref().ok_or_else(|| Error::Config(format!("the {who} has no classifier head")))
+}
+
+fn dlogits(grads: &mut OutputGrads) -> Result<&mut Tensor> {
+    grads.logits.as_mut().ok_or_else(|| Error::Config("the student has no classifier head".into()))
+}
+
+/// `weight * mean_i w_i * CE(z_i, y_i)` with hard labels and optional per-example weights `w`.
+pub fn cross_entropy(grads: &mut OutputGrads, student: &Activations, labels: &IdTensor, example_weights: Option<&Tensor>, weight: f32) -> Result<f32> {
+    let logits = logits_of(student, "student")?;
+    let b = logits.shape()[0];
+    let mut rows = Tensor::zeros(&[b], &logits.device())?;
+    let scale = weight / b as f32;
+    ce_ops::cross_entropy(&mut rows, Some(dlogits(grads)?), logits, Targets::Hard(labels), example_weights, scale)?;
+    Ok(sum(&rows)? * scale)
+}
+
+/// `weight * T^2 * mean_i w_i * KL(softmax(t_i / T) || softmax(s_i / T))` on the logits.
+pub fn logit_kd(grads: &mut OutputGrads, student: &Activations, teacher_logits: &Tensor, temperature: f32, example_weights: Option<&Tensor>, weight: f32) -> Result<f32> {
+    let logits = logits_of(student, "student")?;
+    let b = logits.shape()[0];
+    let mut rows = Tensor::zeros(&[b], &logits.device())?;
+    let spec = SoftmaxKl { temperature, form: KlForm::Kl, grad_scale: weight / b as f32 };
+    softmax_kl(&mut rows, Some(dlogits(grads)?), None, logits, teacher_logits, example_weights, spec)?;
+    Ok(sum(&rows)? * spec.grad_scale)
+}
+
+/// `weight * sum over (student state, teacher state) pairs` of the masked hidden-state MSE.
+/// Indices count hidden states: 0 is the embedding output, `l + 1` the output of layer `l`.
+pub fn hidden_mse(grads: &mut OutputGrads, student: &Activations, teacher: &Activations, pairs: &[(usize, usize)], mask: &Tensor, weight: f32) -> Result<f32> {
+    let device = mask.device();
+    let token_mask = mask.try_clone()?.reshape(&[mask.numel()])?;
+    let mut total = 0.0;
+    for &(s, t) in pairs {
+        let (hs, ht) = (&student.hidden[s], &teacher.hidden[t]);
+        let mut loss = Tensor::zeros(&[1], &device)?;
+        let dh = grads.hidden_mut(s, hs)?;
+        mse_ops::hidden_mse(&mut loss, &mut [dh], &[hs], &[ht], &token_mask, weight)?;
+        total += sum(&loss)? * weight;
+    }
+    Ok(total)
+}
+
+/// Row weights that average attention-map rows over (example, head, real query token).
+fn query_row_weights(mask: &Tensor, heads: usize, device: &Device) -> Result<Tensor> {
+    let m = mask.to_vec()?;
+    let (b, l) = (mask.shape()[0], mask.shape()[1]);
+    let real = m.iter().filter(|&&v| v > 0.5).count() * heads;
+    let scale = if real == 0 { 0.0 } else { 1.0 / real as f32 };
+    let rows: Vec<f32> = (0..b * heads * l).map(|r| m[(r / (heads * l)) * l + r % l] * scale).collect();
+    Ok(Tensor::from_vec(rows, &[b * heads * l], device)?)
+}
+
+/// `weight * sum over (student layer, teacher layer) pairs` of KL(teacher row || student row)
+/// of the attention maps, masked keys excluded, averaged over (example, head, real query row).
+/// Both forwards must have kept their scores (`ForwardMode::keep_scores`).
+pub fn attention_kl(grads: &mut OutputGrads, student: &Activations, teacher: &Activations, pairs: &[(usize, usize)], mask: &Tensor, weight: f32) -> Result<f32> {
+    let device = mask.device();
+    let mut total = 0.0;
+    for &(s, t) in pairs {
+        let ss = student.layers[s].scores.as_ref().ok_or_else(|| Error::Config("student forward kept no attention scores".into()))?;
+        let ts = teacher.layers[t].scores.as_ref().ok_or_else(|| Error::Config("teacher forward kept no attention scores".into()))?;
+        let heads = ss.shape()[1];
+        let row_weights = query_row_weights(mask, heads, &device)?;
+        let rows = ss.rows();
+        let mut loss_rows = Tensor::zeros(&[rows], &device)?;
+        let spec = SoftmaxKl { temperature: 1.0, form: KlForm::Kl, grad_scale: weight };
+        let d = grads.scores_mut(s, ss)?;
+        softmax_kl(&mut loss_rows, Some(d), None, ss, ts, Some(&row_weights), spec)?;
+        total += sum(&loss_rows)? * weight;
+    }
+    Ok(total)
+}
