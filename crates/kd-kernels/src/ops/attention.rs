@@ -1,1 +1,293 @@
-//! (to be written)
+//! Fused scaled, masked multi-head attention, forward and backward, exactly as HF BERT's eager
+//! attention computes it: `scores = q . k / sqrt(Dh) + (1 - mask) * f32::MIN`, softmax over the
+//! keys, then the probability-weighted sum of the values.
+//!
+//! q, k, v and the output stay `[B, L, H * Dh]` (heads interleaved along the last axis, as the
+//! QKV projections produce them) so no permute copies are made; the probabilities `[B, H, L, L]`
+//! are kept for backward and for attention-map distillation. HF adds `finfo.min` instead of
+//! `-inf`, so a query whose keys are all padded gets a uniform row rather than NaN; kd does the
+//! same, so its maps (and the losses distilled from them) match HF's.
+use std::marker::PhantomData;
+
+use rayon::prelude::*;
+
+use super::opt_rows_mut;
+use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
+
+/// The sizes of one attention call.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    l: usize,
+    heads: usize,
+    dh: usize,
+}
+
+impl Dims {
+    /// Reads B, L and H * Dh from `x` (`[B, L, H * Dh]`) and H from `maps` (`[B, H, L, L]`).
+    fn of(op: &'static str, x: &Tensor, maps: &Tensor) -> Result<Dims> {
+        let [b, l, hd] = *x.shape() else {
+            return Err(Error::shape(op, format!("q is {:?}, expected [B, L, H * Dh]", x.shape())));
+        };
+        let heads = match maps.shape() {
+            [_, h, _, _] => *h,
+            s => return Err(Error::shape(op, format!("probs is {s:?}, expected [B, H, L, L]"))),
+        };
+        if heads == 0 || hd == 0 || hd % heads != 0 {
+            return Err(Error::shape(op, format!("q's last dim {hd} does not split into {heads} heads")));
+        }
+        expect_shape(op, "probs", maps, &[b, heads, l, l])?;
+        Ok(Dims { b, l, heads, dh: hd / heads })
+    }
+
+    fn hd(&self) -> usize {
+        self.heads * self.dh
+    }
+
+    fn is_empty(&self) -> bool {
+        self.b == 0 || self.l == 0
+    }
+
+    /// The `Dh` values of head `h` at token `(b, i)` in a `[B, L, H * Dh]` slice.
+    fn head<'a>(&self, x: &'a [f32], b: usize, h: usize, i: usize) -> &'a [f32] {
+        &x[(b * self.l + i) * self.hd() + h * self.dh..][..self.dh]
+    }
+}
+
+/// A `[B, L, H * Dh]` buffer written by parallel (b, h) tasks. Each task owns the columns
+/// `h * Dh .. (h + 1) * Dh` of batch b's L rows: disjoint memory, but interleaved with the other
+/// heads, so no safe slice split can hand them out without a permute copy.
+struct HeadColumns<'a> {
+    ptr: *mut f32,
+    dims: Dims,
+    _buf: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: HeadColumns hands out access only through `claim`, whose contract keeps the regions
+// touched by different threads disjoint.
+unsafe impl Send for HeadColumns<'_> {}
+unsafe impl Sync for HeadColumns<'_> {}
+
+impl<'a> HeadColumns<'a> {
+    fn new(buf: &'a mut [f32], dims: Dims) -> Self {
+        assert_eq!(buf.len(), dims.b * dims.l * dims.hd());
+        HeadColumns { ptr: buf.as_mut_ptr(), dims, _buf: PhantomData }
+    }
+
+    /// The columns of head `h` in batch `b`.
+    ///
+    /// # Safety
+    /// No two live `HeadMut`s may have the same `(b, h)`.
+    unsafe fn claim(&self, b: usize, h: usize) -> HeadMut<'_> {
+        assert!(b < self.dims.b && h < self.dims.heads);
+        // SAFETY: in bounds by the assert and the length checked in `new`.
+        let base = unsafe { self.ptr.add(b * self.dims.l * self.dims.hd() + h * self.dims.dh) };
+        HeadMut { base, dims: self.dims, _cols: PhantomData }
+    }
+}
+
+/// One (b, h) block of a [`HeadColumns`]: L rows of Dh values, `H * Dh` apart.
+struct HeadMut<'a> {
+    base: *mut f32,
+    dims: Dims,
+    _cols: PhantomData<&'a mut f32>,
+}
+
+impl HeadMut<'_> {
+    fn row(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.dims.l);
+        // SAFETY: row i of the claimed head lies inside the buffer, and the claim is exclusive
+        // (see `HeadColumns::claim`); `&mut self` keeps one row borrowed at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(i * self.dims.hd()), self.dims.dh) }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
+}
+
+/// Forward: `out` `[B, L, H * Dh]` and `probs` `[B, H, L, L]` are overwritten; `scores`, when
+/// given, receives the masked scaled pre-softmax scores (the logits of attention-map KL).
+/// H is read from `probs`; `mask` is `[B, L]`.
+pub fn attention_forward(
+    out: &mut Tensor,
+    probs: &mut Tensor,
+    scores: Option<&mut Tensor>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+) -> Result<()> {
+    const OP: &str = "attention_forward";
+    let dims = Dims::of(OP, q, probs)?;
+    for (what, t) in [("k", k), ("v", v), ("out", &*out)] {
+        expect_shape(OP, what, t, q.shape())?;
+    }
+    expect_shape(OP, "mask", mask, &[dims.b, dims.l])?;
+    let mut tensors = vec![&*out, &*probs, q, k, v, mask];
+    if let Some(s) = &scores {
+        expect_shape(OP, "scores", s, probs.shape())?;
+        tensors.push(s);
+    }
+    match common_device(OP, &tensors)? {
+        Device::Cpu => {
+            let scores = scores.map(Tensor::cpu_mut).transpose()?;
+            attention_forward_cpu(
+                dims,
+                out.cpu_mut()?,
+                probs.cpu_mut()?,
+                scores,
+                q.cpu()?,
+                k.cpu()?,
+                v.cpu()?,
+                mask.cpu()?,
+            );
+            Ok(())
+        }
+        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_forward_cpu(
+    dims: Dims,
+    out: &mut [f32],
+    probs: &mut [f32],
+    scores: Option<&mut [f32]>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+) {
+    if dims.is_empty() {
+        return;
+    }
+    let Dims { l, heads, dh, .. } = dims;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let out = HeadColumns::new(out, dims);
+    probs.par_chunks_mut(l * l).zip(opt_rows_mut(scores, l * l, dims.b * heads)).enumerate().for_each(
+        |(bh, (probs, mut scores))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let mask = &mask[b * l..][..l];
+            // SAFETY: this task is the only one given (b, h).
+            let mut out = unsafe { out.claim(b, h) };
+            for (i, p) in probs.chunks_exact_mut(l).enumerate() {
+                let qi = dims.head(q, b, h, i);
+                for (j, (p, &m)) in p.iter_mut().zip(mask).enumerate() {
+                    *p = dot(qi, dims.head(k, b, h, j)) * scale + (1.0 - m) * f32::MIN;
+                }
+                if let Some(s) = scores.as_deref_mut() {
+                    s[i * l..][..l].copy_from_slice(p);
+                }
+                softmax_in_place(p);
+                let o = out.row(i);
+                o.fill(0.0);
+                for (j, &pj) in p.iter().enumerate() {
+                    axpy(pj, dims.head(v, b, h, j), o);
+                }
+            }
+        },
+    );
+}
+
+fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in x.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// Backward: dq, dk, dv (`[B, L, H * Dh]`) accumulate. `dscores_extra` (`[B, H, L, L]`) is a
+/// further gradient w.r.t. the masked scores, added after the softmax backward: attention-map KL
+/// and relation losses differentiate with respect to the scores and feed it here.
+///
+/// Like autograd on HF's graph, the gradient flows through the softmax as the saved `probs`
+/// give it, also for a query whose keys are all padded (its uniform row).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut Tensor,
+    dk: &mut Tensor,
+    dv: &mut Tensor,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    dscores_extra: Option<&Tensor>,
+) -> Result<()> {
+    const OP: &str = "attention_backward";
+    let dims = Dims::of(OP, q, probs)?;
+    for (what, t) in [("k", k), ("v", v), ("dout", dout), ("dq", &*dq), ("dk", &*dk), ("dv", &*dv)] {
+        expect_shape(OP, what, t, q.shape())?;
+    }
+    let mut tensors = vec![&*dq, &*dk, &*dv, dout, q, k, v, probs];
+    if let Some(e) = dscores_extra {
+        expect_shape(OP, "dscores_extra", e, probs.shape())?;
+        tensors.push(e);
+    }
+    match common_device(OP, &tensors)? {
+        Device::Cpu => {
+            let extra = dscores_extra.map(Tensor::cpu).transpose()?;
+            let grads = (dq.cpu_mut()?, dk.cpu_mut()?, dv.cpu_mut()?);
+            attention_backward_cpu(dims, grads, dout.cpu()?, q.cpu()?, k.cpu()?, v.cpu()?, probs.cpu()?, extra);
+            Ok(())
+        }
+        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_cpu(
+    dims: Dims,
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    extra: Option<&[f32]>,
+) {
+    if dims.is_empty() {
+        return;
+    }
+    let Dims { l, heads, .. } = dims;
+    let scale = 1.0 / (dims.dh as f32).sqrt();
+    let (dq, dk, dv) = (HeadColumns::new(dq, dims), HeadColumns::new(dk, dims), HeadColumns::new(dv, dims));
+    // One score-gradient row of scratch per rayon job: ds is consumed row by row, so the
+    // [L, L] block of a head is never materialised.
+    probs.par_chunks(l * l).enumerate().for_each_init(
+        || vec![0.0f32; l],
+        |ds, (bh, probs)| {
+            let (b, h) = (bh / heads, bh % heads);
+            // SAFETY: this task is the only one given (b, h).
+            let (mut dq, mut dk, mut dv) = unsafe { (dq.claim(b, h), dk.claim(b, h), dv.claim(b, h)) };
+            for (i, p) in probs.chunks_exact(l).enumerate() {
+                let doi = dims.head(dout, b, h, i);
+                for (j, (&pj, ds)) in p.iter().zip(ds.iter_mut()).enumerate() {
+                    axpy(pj, doi, dv.row(j));
+                    *ds = dot(doi, dims.head(v, b, h, j));
+                }
+                let rowdot = dot(p, ds);
+                ds.iter_mut().zip(p).for_each(|(ds, &pj)| *ds = pj * (*ds - rowdot));
+                if let Some(e) = extra {
+                    axpy(1.0, &e[(bh * l + i) * l..][..l], ds);
+                }
+                let (qi, dqi) = (dims.head(q, b, h, i), dq.row(i));
+                for (j, &dsj) in ds.iter().enumerate() {
+                    axpy(scale * dsj, dims.head(k, b, h, j), dqi);
+                }
+                for (j, &dsj) in ds.iter().enumerate() {
+                    axpy(scale * dsj, qi, dk.row(j));
+                }
+            }
+        },
+    );
+}

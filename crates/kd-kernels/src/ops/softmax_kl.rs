@@ -1,1 +1,211 @@
-//! (to be written)
+//! Fused softmax-KL with temperature: the distillation loss between student and teacher rows of
+//! logits, for any row length (2 classes, L attention keys, a 30,522-word vocabulary).
+//!
+//! Both softmaxes are taken online in one pass over a row (running max and rescaled sums, as in
+//! flash attention), so a vocabulary-wide row is read once for the loss and once more for the
+//! gradients; probabilities are never formed as `log(softmax)`, only through log-sum-exp.
+//! Entries that are `f32::MIN` (or `-inf`) in both rows, such as masked attention keys, have zero
+//! teacher probability and so contribute 0 to the loss and 0 to both gradients, at any
+//! temperature (`f32::MIN / T` overflows to `-inf` when T < 1, which the scan tolerates).
+use rayon::prelude::*;
+
+use super::opt_rows_mut;
+use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
+
+/// Which divergence a row's loss is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KlForm {
+    /// `sum_c p_t,c (log p_t,c - log p_s,c)`: zero when the rows agree.
+    Kl,
+    /// `-sum_c p_t,c log p_s,c`, MATE-KD's "CE-form": the KL plus the teacher's entropy, which
+    /// changes the teacher gradient (and the loss value) but not the student gradient.
+    CrossEntropy,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct SoftmaxKl {
+    pub temperature: f32,
+    pub form: KlForm,
+    /// Multiplies every gradient written (e.g. a loss weight or 1 / accumulation steps); the
+    /// loss rows are not scaled by it.
+    pub grad_scale: f32,
+}
+
+/// Per-row loss `w_r * T^2 * D(p_t || p_s)` with `p = softmax(z / T)` over the last axis, `D`
+/// given by `spec.form`. `loss_rows` `[R]` is overwritten, R being the number of rows of
+/// `student` (any shape `[..., C]`); `dstudent` += `grad_scale * w_r * T * (p_s - p_t)`;
+/// `dteacher` += `grad_scale * w_r * T * p_t * (d_c - D)` with `d_c = log p_t,c - log p_s,c`
+/// (form Kl) or `d_c = -log p_s,c` (form CrossEntropy). Rows of weight 0 give 0 and no gradient.
+pub fn softmax_kl(
+    loss_rows: &mut Tensor,
+    dstudent: Option<&mut Tensor>,
+    dteacher: Option<&mut Tensor>,
+    student: &Tensor,
+    teacher: &Tensor,
+    row_weights: Option<&Tensor>,
+    spec: SoftmaxKl,
+) -> Result<()> {
+    const OP: &str = "softmax_kl";
+    let c = student.last_dim();
+    if student.shape().is_empty() || c == 0 {
+        return Err(Error::shape(OP, format!("student is {:?}, expected [..., C] with C >= 1", student.shape())));
+    }
+    if !(spec.temperature.is_finite() && spec.temperature > 0.0) {
+        return Err(Error::invalid(OP, format!("temperature {} is not a positive number", spec.temperature)));
+    }
+    if !spec.grad_scale.is_finite() {
+        return Err(Error::invalid(OP, format!("grad_scale {} is not finite", spec.grad_scale)));
+    }
+    let rows = student.rows();
+    expect_shape(OP, "teacher", teacher, student.shape())?;
+    expect_shape(OP, "loss_rows", loss_rows, &[rows])?;
+    let mut tensors = vec![&*loss_rows, student, teacher];
+    for (what, g) in [("dstudent", &dstudent), ("dteacher", &dteacher)] {
+        if let Some(g) = g {
+            expect_shape(OP, what, g, student.shape())?;
+            tensors.push(g);
+        }
+    }
+    if let Some(w) = row_weights {
+        expect_shape(OP, "row_weights", w, &[rows])?;
+        tensors.push(w);
+    }
+    match common_device(OP, &tensors)? {
+        Device::Cpu => {
+            let ds = dstudent.map(Tensor::cpu_mut).transpose()?;
+            let dt = dteacher.map(Tensor::cpu_mut).transpose()?;
+            let w = row_weights.map(Tensor::cpu).transpose()?;
+            softmax_kl_cpu(loss_rows.cpu_mut()?, ds, dt, student.cpu()?, teacher.cpu()?, w, c, spec);
+            Ok(())
+        }
+        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn softmax_kl_cpu(
+    loss: &mut [f32],
+    ds: Option<&mut [f32]>,
+    dt: Option<&mut [f32]>,
+    zs: &[f32],
+    zt: &[f32],
+    w: Option<&[f32]>,
+    c: usize,
+    spec: SoftmaxKl,
+) {
+    let rows = loss.len();
+    let t = spec.temperature;
+    loss.par_iter_mut().zip(opt_rows_mut(ds, c, rows)).zip(opt_rows_mut(dt, c, rows)).enumerate().for_each(
+        |(r, ((loss, ds), dt))| {
+            let w = w.map_or(1.0, |w| w[r]);
+            if w == 0.0 {
+                *loss = 0.0;
+                return;
+            }
+            let (zs, zt) = (&zs[r * c..][..c], &zt[r * c..][..c]);
+            let row = RowScan::new(zs, zt, 1.0 / t);
+            let div = row.divergence(spec.form);
+            *loss = w * t * t * div;
+            if ds.is_some() || dt.is_some() {
+                row.gradients(ds, dt, zs, zt, spec.form, div, spec.grad_scale * w * t);
+            }
+        },
+    );
+}
+
+/// The one-pass statistics of a (student, teacher) row. Maxima are of the raw logits (T > 0
+/// keeps the order), and exponents are `(z - max) / T`, so masked `f32::MIN` logits never meet
+/// a division that could turn them into `-inf - -inf`.
+struct RowScan {
+    inv_t: f32,
+    /// Teacher: max, `sum e`, `sum e x` (x = (z_t - max_t) / T, e = exp x), and
+    /// `sum e (z_t - z_s) / T`.
+    max_t: f32,
+    sum_t: f32,
+    ent_t: f32,
+    cross: f32,
+    /// Student: max and `sum exp((z_s - max_s) / T)`.
+    max_s: f32,
+    sum_s: f32,
+}
+
+impl RowScan {
+    fn new(zs: &[f32], zt: &[f32], inv_t: f32) -> RowScan {
+        // Starting the maxima at f32::MIN (not -inf) keeps every difference finite; a row of
+        // only f32::MIN logits is then uniform, as HF's masked softmax is.
+        let mut r = RowScan { inv_t, max_t: f32::MIN, sum_t: 0.0, ent_t: 0.0, cross: 0.0, max_s: f32::MIN, sum_s: 0.0 };
+        for (&s, &t) in zs.iter().zip(zt) {
+            if t > r.max_t {
+                let shift = (r.max_t - t) * inv_t;
+                let rescale = shift.exp();
+                // sum e x under the new max: each old e shrinks by `rescale`, each x moves by
+                // `shift`. When the old terms vanish (rescale 0) so does their x e^x.
+                r.ent_t = if rescale > 0.0 { rescale * (r.ent_t + r.sum_t * shift) } else { 0.0 };
+                r.sum_t *= rescale;
+                r.cross *= rescale;
+                r.max_t = t;
+            }
+            let x = (t - r.max_t) * inv_t;
+            let e = x.exp();
+            if e > 0.0 {
+                r.sum_t += e;
+                r.ent_t += e * x;
+                r.cross += e * (t - s) * inv_t;
+            }
+            if s > r.max_s {
+                r.sum_s *= ((r.max_s - s) * inv_t).exp();
+                r.max_s = s;
+            }
+            r.sum_s += ((s - r.max_s) * inv_t).exp();
+        }
+        r
+    }
+
+    /// `log Z_s - log Z_t`, the part of `log p_t,c - log p_s,c` shared by every c.
+    fn log_norm_gap(&self) -> f32 {
+        (self.max_s - self.max_t) * self.inv_t + self.sum_s.ln() - self.sum_t.ln()
+    }
+
+    /// The row's divergence before weighting and the T^2 factor.
+    fn divergence(&self, form: KlForm) -> f32 {
+        let kl = self.cross / self.sum_t + self.log_norm_gap();
+        match form {
+            KlForm::Kl => kl,
+            // Cross-entropy = KL + teacher entropy, entropy = log Z_t - E_t[(z_t - max_t) / T].
+            KlForm::CrossEntropy => kl + self.sum_t.ln() - self.ent_t / self.sum_t,
+        }
+    }
+
+    /// Adds `scale * (p_s - p_t)` to `ds` and `scale * p_t * (d_c - div)` to `dt`.
+    #[allow(clippy::too_many_arguments)]
+    fn gradients(
+        &self,
+        mut ds: Option<&mut [f32]>,
+        mut dt: Option<&mut [f32]>,
+        zs: &[f32],
+        zt: &[f32],
+        form: KlForm,
+        div: f32,
+        scale: f32,
+    ) {
+        let (inv_t, inv_sum_t, inv_sum_s) = (self.inv_t, 1.0 / self.sum_t, 1.0 / self.sum_s);
+        let (gap, log_sum_s) = (self.log_norm_gap(), self.sum_s.ln());
+        for (c, (&s, &t)) in zs.iter().zip(zt).enumerate() {
+            let pt = ((t - self.max_t) * inv_t).exp() * inv_sum_t;
+            let rel_s = (s - self.max_s) * inv_t;
+            if let Some(ds) = ds.as_deref_mut() {
+                ds[c] += scale * (rel_s.exp() * inv_sum_s - pt);
+            }
+            if let Some(dt) = dt.as_deref_mut() {
+                // p_t = 0 has no gradient; d_c there may be -inf - -inf.
+                if pt > 0.0 {
+                    let d = match form {
+                        KlForm::Kl => (t - s) * inv_t + gap,
+                        KlForm::CrossEntropy => log_sum_s - rel_s,
+                    };
+                    dt[c] += scale * pt * (d - div);
+                }
+            }
+        }
+    }
+}

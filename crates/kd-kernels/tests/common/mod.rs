@@ -1,5 +1,5 @@
 //! Shared helpers for the op tests: seeded random inputs, float64 comparison, finite differences.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::too_many_arguments)]
 
 use kd_kernels::rng::Rng;
 use kd_kernels::{Device, Tensor};
@@ -56,10 +56,22 @@ pub fn finite_diff(x: &[f32], h: f32, at: Option<&[usize]>, mut f: impl FnMut(&[
 }
 
 /// Checks an analytic gradient against finite differences of `f` at the given indices.
-pub fn check_grad(what: &str, x: &[f32], grad: &[f32], h: f32, rtol: f64, atol: f64, at: Option<&[usize]>, f: impl FnMut(&[f32]) -> f64) {
+pub fn check_grad(
+    what: &str,
+    x: &[f32],
+    grad: &[f32],
+    h: f32,
+    rtol: f64,
+    atol: f64,
+    at: Option<&[usize]>,
+    f: impl FnMut(&[f32]) -> f64,
+) {
     for (i, numeric) in finite_diff(x, h, at, f) {
         let g = grad[i] as f64;
-        assert!((g - numeric).abs() <= atol + rtol * numeric.abs(), "{what}: d/dx[{i}] analytic {g}, numeric {numeric}");
+        assert!(
+            (g - numeric).abs() <= atol + rtol * numeric.abs(),
+            "{what}: d/dx[{i}] analytic {g}, numeric {numeric}"
+        );
     }
 }
 
