@@ -1,1 +1,126 @@
-fn main() {}
+//! Criterion benchmarks of the compute layer's hot ops, forward + backward, on every device
+//! this machine has (the CPU always; CUDA when a GPU is present). Throughput is reported in the
+//! unit that bounds each op: bytes for the memory-bound losses, FLOP for GEMM and attention.
+//!
+//! `cargo bench --bench kernels` (add `-- --quick` for a fast pass).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kd_kernels::ops::attention::{attention_backward, attention_forward};
+use kd_kernels::ops::gemm::{matmul, MatmulSpec};
+use kd_kernels::ops::hidden_mse::hidden_mse;
+use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, SoftmaxKl};
+use kd_kernels::rng::Rng;
+use kd_kernels::{Device, Tensor};
+
+fn devices() -> Vec<Device> {
+    let mut v = vec![Device::Cpu];
+    match Device::cuda(0) {
+        Ok(d) => v.push(d),
+        Err(e) => eprintln!("CUDA benchmarks not run: {e}"),
+    }
+    v
+}
+
+fn randn(shape: &[usize], scale: f32, seed: u64, device: &Device) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * scale).collect();
+    Tensor::from_vec(data, shape, device).unwrap()
+}
+
+fn zeros(shape: &[usize], device: &Device) -> Tensor {
+    Tensor::zeros(shape, device).unwrap()
+}
+
+fn bench_softmax_kl(c: &mut Criterion) {
+    let mut group = c.benchmark_group("softmax_kl_fwd_bwd");
+    group.sample_size(10);
+    for device in devices() {
+        for (rows, cols) in [(4096usize, 30522usize), (8192, 2)] {
+            let s = randn(&[rows, cols], 2.0, 1, &device);
+            let t = randn(&[rows, cols], 2.0, 2, &device);
+            let mut loss = zeros(&[rows], &device);
+            let mut ds = zeros(&[rows, cols], &device);
+            // Minimum traffic: read both rows, write the gradient (12 bytes per element in fp32).
+            group.throughput(Throughput::Bytes((rows * cols * 12) as u64));
+            let spec = SoftmaxKl { temperature: 2.0, form: KlForm::Kl, grad_scale: 1.0 / rows as f32 };
+            group.bench_function(BenchmarkId::new(format!("{device}"), format!("{rows}x{cols}")), |b| {
+                b.iter(|| softmax_kl(&mut loss, Some(&mut ds), None, &s, &t, None, spec).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+fn bench_hidden_mse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("hidden_mse_fwd_bwd");
+    group.sample_size(20);
+    let (tokens, width, pairs) = (4096usize, 384usize, 6usize);
+    for device in devices() {
+        let students: Vec<Tensor> = (0..pairs).map(|p| randn(&[tokens, width], 1.0, 10 + p as u64, &device)).collect();
+        let teachers: Vec<Tensor> = (0..pairs).map(|p| randn(&[tokens, width], 1.0, 20 + p as u64, &device)).collect();
+        let mut grads: Vec<Tensor> = (0..pairs).map(|_| zeros(&[tokens, width], &device)).collect();
+        let mask = Tensor::from_vec(vec![1.0; tokens], &[tokens], &device).unwrap();
+        let mut losses = zeros(&[pairs], &device);
+        group.throughput(Throughput::Bytes((pairs * tokens * width * 12) as u64));
+        group.bench_function(BenchmarkId::new(format!("{device}"), format!("{tokens}x{width}x{pairs}pairs")), |b| {
+            let s: Vec<&Tensor> = students.iter().collect();
+            let t: Vec<&Tensor> = teachers.iter().collect();
+            b.iter(|| {
+                let mut g: Vec<&mut Tensor> = grads.iter_mut().collect();
+                hidden_mse(&mut losses, &mut g, &s, &t, &mask, 1.0).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn bench_attention(c: &mut Criterion) {
+    let mut group = c.benchmark_group("attention_fwd_bwd");
+    group.sample_size(10);
+    let (batch, heads, seq) = (32usize, 12usize, 128usize);
+    for device in devices() {
+        for head_dim in [32usize, 64] {
+            let width = heads * head_dim;
+            let q = randn(&[batch, seq, width], 1.0, 31, &device);
+            let k = randn(&[batch, seq, width], 1.0, 32, &device);
+            let v = randn(&[batch, seq, width], 1.0, 33, &device);
+            let dout = randn(&[batch, seq, width], 1.0, 34, &device);
+            let mask = Tensor::from_vec(vec![1.0; batch * seq], &[batch, seq], &device).unwrap();
+            let mut out = zeros(&[batch, seq, width], &device);
+            let mut probs = zeros(&[batch, heads, seq, seq], &device);
+            let (mut dq, mut dk, mut dv) =
+                (zeros(&[batch, seq, width], &device), zeros(&[batch, seq, width], &device), zeros(&[batch, seq, width], &device));
+            // Forward 4*B*H*L^2*Dh FLOP; backward about 2.5x that.
+            group.throughput(Throughput::Elements((3.5 * 4.0 * (batch * heads * seq * seq * head_dim) as f64) as u64));
+            group.bench_function(BenchmarkId::new(format!("{device}"), format!("B{batch}-H{heads}-L{seq}-D{head_dim}")), |b| {
+                b.iter(|| {
+                    attention_forward(&mut out, &mut probs, None, &q, &k, &v, &mask).unwrap();
+                    attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, None).unwrap();
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn bench_gemm(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm");
+    group.sample_size(20);
+    for device in devices() {
+        // BERT-MiniLM feed-forward shapes at 2048 tokens: [m x k] . [k x n]
+        for (m, k, n) in [(2048usize, 384usize, 1536usize), (2048, 1536, 384)] {
+            let a = randn(&[m, k], 1.0, 41, &device);
+            let b_mat = randn(&[k, n], 1.0, 42, &device);
+            let mut out = zeros(&[m, n], &device);
+            group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+            group.bench_function(BenchmarkId::new(format!("{device}"), format!("{m}x{k}x{n}")), |b| {
+                b.iter(|| matmul(&mut out, &a, &b_mat, MatmulSpec::NN).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_gemm, bench_softmax_kl, bench_hidden_mse, bench_attention);
+criterion_main!(benches);

@@ -8,6 +8,7 @@ use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, SoftmaxKl};
 use kd_kernels::{Device, IdTensor, Tensor};
 use kd_model::bert::{Activations, OutputGrads};
 
+use crate::batching::BatchTargets;
 use crate::{Error, Result};
 
 fn sum(t: &Tensor) -> Result<f32> {
@@ -87,4 +88,30 @@ pub fn attention_kl(grads: &mut OutputGrads, student: &Activations, teacher: &Ac
         total += sum(&loss_rows)? * weight;
     }
     Ok(total)
+}
+
+/// The supervised loss on the batch's targets: CE for classes, MSE for regression scores.
+pub fn label_loss(grads: &mut OutputGrads, student: &Activations, targets: &BatchTargets, example_weights: Option<&Tensor>, weight: f32) -> Result<f32> {
+    match targets {
+        BatchTargets::Classes(labels) => cross_entropy(grads, student, labels, example_weights, weight),
+        BatchTargets::Scores(scores) => {
+            let pred = logits_of(student, "student")?;
+            let b = pred.shape()[0];
+            let mut rows = Tensor::zeros(&[b], &pred.device())?;
+            let scale = weight / b as f32;
+            ce_ops::mse_loss(&mut rows, Some(dlogits(grads)?), pred, scores, example_weights, scale)?;
+            Ok(sum(&rows)? * scale)
+        }
+    }
+}
+
+/// Regression distillation: `weight * mean_i (z_s,i - z_t,i)^2`.
+pub fn logit_mse(grads: &mut OutputGrads, student: &Activations, teacher_logits: &Tensor, weight: f32) -> Result<f32> {
+    let pred = logits_of(student, "student")?;
+    let b = pred.shape()[0];
+    let target = teacher_logits.try_clone()?.reshape(&[b])?;
+    let mut rows = Tensor::zeros(&[b], &pred.device())?;
+    let scale = weight / b as f32;
+    ce_ops::mse_loss(&mut rows, Some(dlogits(grads)?), pred, &target, None, scale)?;
+    Ok(sum(&rows)? * scale)
 }

@@ -1,0 +1,187 @@
+//! The training loop every method shares: seeded shuffling, dynamic-padding batches, one
+//! forward/backward/AdamW update per batch, periodic evaluation on dev. A method supplies only
+//! its [`Objective`]: the loss of one batch, written into the student's output gradients.
+
+use std::time::Instant;
+
+use kd_kernels::rng::{mix64, Rng};
+use kd_kernels::Device;
+use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads};
+use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
+
+use crate::batching::{collate, gather_targets, BatchTargets, EncodedSet, Targets};
+use crate::metrics::{task_metrics, MetricKind, Metrics};
+use crate::{Error, Result};
+
+/// One batch as an objective sees it.
+pub struct StepInput<'a> {
+    pub batch: &'a EncoderBatch,
+    /// Positions of the batch's examples in the training set (teacher caches key on them).
+    pub indices: &'a [usize],
+    pub targets: &'a BatchTargets,
+    pub epoch: usize,
+    /// 0-based optimiser step.
+    pub step: u64,
+    pub steps_per_epoch: u64,
+}
+
+/// The named terms of one batch's loss, for logging; `total` is what was differentiated.
+#[derive(Clone, Debug, Default)]
+pub struct LossLog {
+    pub total: f32,
+    pub terms: Vec<(&'static str, f32)>,
+}
+
+impl LossLog {
+    pub fn push(&mut self, name: &'static str, value: f32) {
+        self.total += value;
+        self.terms.push((name, value));
+    }
+}
+
+/// What a method trains the student to minimise on one batch.
+pub trait Objective {
+    /// Whether the student's forward must keep its attention scores (attention-map losses).
+    fn keep_scores(&self) -> bool {
+        false
+    }
+
+    /// Computes the loss of `student` on `input` and accumulates its gradient into `grads`.
+    fn loss(&mut self, input: &StepInput, student: &Activations, grads: &mut OutputGrads) -> Result<LossLog>;
+}
+
+/// Hyper-parameters of one training run (HF `TrainingArguments` names where they exist).
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f32,
+    pub warmup_ratio: f32,
+    pub weight_decay: f32,
+    pub max_grad_norm: Option<f32>,
+    pub seed: u64,
+    /// Evaluate on dev every this many steps (and always at the end).
+    pub eval_every: Option<u64>,
+    pub metric: MetricKind,
+}
+
+/// What the loop reports as it goes (the CLI draws progress bars and writes JSON lines).
+pub enum Event<'a> {
+    Step { step: u64, total_steps: u64, loss: &'a LossLog, lr: f32, examples_per_s: f64 },
+    Eval { step: u64, metrics: &'a Metrics },
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug)]
+pub struct TrainReport {
+    pub steps: u64,
+    pub seconds: f64,
+    pub final_metrics: Option<Metrics>,
+    pub best_metrics: Option<Metrics>,
+}
+
+/// Trains `student` on `train` with `objective`; evaluates on `dev` when given.
+pub fn train(
+    student: &mut Bert,
+    train: &EncodedSet,
+    dev: Option<&EncodedSet>,
+    objective: &mut dyn Objective,
+    cfg: &TrainConfig,
+    observer: &mut dyn FnMut(Event),
+) -> Result<TrainReport> {
+    if train.items.is_empty() {
+        return Err(Error::Config("the training set is empty".into()));
+    }
+    let device = student.device();
+    let pad = student.config.pad_token_id as u32;
+    let steps_per_epoch = train.items.len().div_ceil(cfg.batch_size) as u64;
+    let total_steps = steps_per_epoch * cfg.epochs as u64;
+    let opt_cfg = OptimizerConfig {
+        lr: cfg.lr,
+        weight_decay: cfg.weight_decay,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        max_grad_norm: cfg.max_grad_norm,
+        schedule: LinearSchedule { warmup: (cfg.warmup_ratio * total_steps as f32).ceil() as u64, total: total_steps },
+    };
+    let mut optimizer = Optimizer::new(opt_cfg, &student.weights)?;
+    let mut grads = student.weights.zeros_like()?;
+    let started = Instant::now();
+    let mut best: Option<Metrics> = None;
+    let mut last: Option<Metrics> = None;
+    let mut step = 0u64;
+
+    for epoch in 0..cfg.epochs {
+        let mut order: Vec<usize> = (0..train.items.len()).collect();
+        Rng::new(mix64(cfg.seed ^ (epoch as u64 + 1))).shuffle(&mut order);
+        for indices in order.chunks(cfg.batch_size) {
+            let t0 = Instant::now();
+            let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
+            let targets = gather_targets(&train.targets, indices, &device)?;
+            let mut acts = student.activations(batch.batch, batch.seq)?;
+            let mode = ForwardMode { train: true, seed: mix64(cfg.seed.wrapping_add(step)), keep_scores: objective.keep_scores() };
+            student.forward(&mut acts, &batch, None, mode)?;
+            let mut out_grads = acts.output_grads()?;
+            let input = StepInput { batch: &batch, indices, targets: &targets, epoch, step, steps_per_epoch };
+            let loss = objective.loss(&input, &acts, &mut out_grads)?;
+            if !loss.total.is_finite() {
+                return Err(Error::NonFinite(format!("loss is {} at step {}", loss.total, step + 1)));
+            }
+            grads.zero()?;
+            student.backward(&mut grads, &mut acts, &out_grads, &batch, None)?;
+            let lr = optimizer.lr();
+            optimizer.update(&mut student.weights, &mut grads)?;
+            step += 1;
+            let examples_per_s = indices.len() as f64 / t0.elapsed().as_secs_f64();
+            observer(Event::Step { step, total_steps, loss: &loss, lr, examples_per_s });
+
+            let eval_now = cfg.eval_every.is_some_and(|n| step % n == 0) || step == total_steps;
+            if let (true, Some(dev)) = (eval_now, dev) {
+                let metrics = evaluate(student, dev, cfg.batch_size, cfg.metric)?;
+                observer(Event::Eval { step, metrics: &metrics });
+                if best.as_ref().is_none_or(|b| metrics.main() > b.main()) {
+                    best = Some(metrics.clone());
+                }
+                last = Some(metrics);
+            }
+        }
+    }
+    Ok(TrainReport { steps: step, seconds: started.elapsed().as_secs_f64(), final_metrics: last, best_metrics: best })
+}
+
+/// The model's outputs on every example of `set`, in order: `[C]` logits per example.
+pub fn predict(model: &Bert, set: &EncodedSet, batch_size: usize) -> Result<Vec<Vec<f32>>> {
+    let device: Device = model.device();
+    let pad = model.config.pad_token_id as u32;
+    let mut out = Vec::with_capacity(set.items.len());
+    for chunk in set.items.chunks(batch_size) {
+        let batch = collate(chunk, pad, &device)?;
+        let mut acts = model.activations(batch.batch, batch.seq)?;
+        model.forward(&mut acts, &batch, None, ForwardMode::default())?;
+        let logits = acts.logits.as_ref().ok_or_else(|| Error::Config("the model has no classifier head".into()))?;
+        let c = logits.last_dim();
+        out.extend(logits.to_vec()?.chunks(c).map(|r| r.to_vec()));
+    }
+    Ok(out)
+}
+
+/// The task's metrics of `model` on `set`.
+pub fn evaluate(model: &Bert, set: &EncodedSet, batch_size: usize, metric: MetricKind) -> Result<Metrics> {
+    let outputs = predict(model, set, batch_size)?;
+    Ok(match &set.targets {
+        Targets::Classes(labels) => {
+            let preds: Vec<usize> = outputs.iter().map(|r| argmax(r)).collect();
+            let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+            task_metrics(metric, &preds.iter().map(|&p| p as f64).collect::<Vec<_>>(), &labels.iter().map(|&l| l as f64).collect::<Vec<_>>())
+        }
+        Targets::Scores(scores) => {
+            let preds: Vec<f64> = outputs.iter().map(|r| r[0] as f64).collect();
+            task_metrics(metric, &preds, &scores.iter().map(|&s| s as f64).collect::<Vec<_>>())
+        }
+    })
+}
+
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+}
