@@ -56,10 +56,23 @@ pub fn finite_diff(x: &[f32], h: f32, at: Option<&[usize]>, mut f: impl FnMut(&[
 }
 
 /// Checks an analytic gradient against finite differences of `f` at the given indices.
-pub fn check_grad(what: &str, x: &[f32], grad: &[f32], h: f32, rtol: f64, atol: f64, at: Option<&[usize]>, f: impl FnMut(&[f32]) -> f64) {
+#[allow(clippy::too_many_arguments)]
+pub fn check_grad(
+    what: &str,
+    x: &[f32],
+    grad: &[f32],
+    h: f32,
+    rtol: f64,
+    atol: f64,
+    at: Option<&[usize]>,
+    f: impl FnMut(&[f32]) -> f64,
+) {
     for (i, numeric) in finite_diff(x, h, at, f) {
         let g = grad[i] as f64;
-        assert!((g - numeric).abs() <= atol + rtol * numeric.abs(), "{what}: d/dx[{i}] analytic {g}, numeric {numeric}");
+        assert!(
+            (g - numeric).abs() <= atol + rtol * numeric.abs(),
+            "{what}: d/dx[{i}] analytic {g}, numeric {numeric}"
+        );
     }
 }
 
