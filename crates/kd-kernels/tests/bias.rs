@@ -80,6 +80,19 @@ fn add_add_inplace_and_scale() {
 }
 
 #[test]
+fn add_takes_other_views_of_the_rows() {
+    let mut rng = Rng::new(5);
+    let (a, b) = (randn(&mut rng, 24, 1.0), randn(&mut rng, 24, 1.0));
+    let want: Vec<f64> = a.iter().zip(&b).map(|(&a, &b)| a as f64 + b as f64).collect();
+    let mut out = zeros(&[6, 4]);
+    add(&mut out, &tensor(&a, &[2, 3, 4]), &tensor(&b, &[6, 4])).unwrap();
+    assert_close("add", out.cpu().unwrap(), &want, 1e-6, 1e-7);
+    let mut dst = tensor(&a, &[6, 4]);
+    add_inplace(&mut dst, &tensor(&b, &[2, 3, 4])).unwrap();
+    assert_close("add_inplace", dst.cpu().unwrap(), &want, 1e-6, 1e-7);
+}
+
+#[test]
 fn rejects_bad_shapes() {
     let is_shape_err = |r: kd_kernels::Result<()>, op: &str| {
         assert!(matches!(&r, Err(Error::Shape { op: o, .. }) if *o == op), "{r:?}");
@@ -89,5 +102,8 @@ fn rejects_bad_shapes() {
     is_shape_err(bias_backward(&mut zeros(&[5]), &zeros(&[3, 4])), "bias_backward");
     is_shape_err(add(&mut zeros(&[3, 4]), &zeros(&[3, 4]), &zeros(&[4, 3])), "add");
     is_shape_err(add(&mut zeros(&[12]), &zeros(&[3, 4]), &zeros(&[3, 4])), "add");
+    is_shape_err(add(&mut zeros(&[3, 4]), &zeros(&[3, 4]), &zeros(&[2, 4])), "add");
     is_shape_err(add_inplace(&mut zeros(&[3, 4]), &zeros(&[3, 5])), "add_inplace");
+    is_shape_err(add_inplace(&mut zeros(&[3, 4]), &zeros(&[2, 2, 4])), "add_inplace");
+    is_shape_err(add_inplace(&mut zeros(&[3, 4]), &zeros(&[6, 2])), "add_inplace");
 }

@@ -107,10 +107,12 @@ fn rejects_bad_shapes() {
     let is_shape = |r: kd_kernels::Result<()>| assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
     is_shape(embedding_forward(&mut zeros(&[3, 4]), &id_t, &zeros(&[5, 3]), false)); // D
     is_shape(embedding_forward(&mut zeros(&[2, 3]), &id_t, &zeros(&[5, 3]), false)); // N
+    is_shape(embedding_forward(&mut zeros(&[9]), &id_t, &zeros(&[5, 3]), false)); // no row axis
     is_shape(embedding_forward(&mut zeros(&[3, 3]), &id_t, &zeros(&[15]), false)); // table rank
     is_shape(embedding_backward(&mut zeros(&[5, 4]), &zeros(&[3, 3]), &id_t));
     is_shape(soft_embedding_forward(&mut zeros(&[3, 4]), &zeros(&[3, 6]), &zeros(&[5, 4]), false)); // V
     is_shape(soft_embedding_forward(&mut zeros(&[3, 5]), &zeros(&[3, 5]), &zeros(&[5, 4]), false)); // out
+    is_shape(soft_embedding_forward(&mut zeros(&[2, 4]), &zeros(&[3, 5]), &zeros(&[5, 4]), false)); // rows
     is_shape(soft_embedding_backward(None, &mut zeros(&[4, 5]), &zeros(&[3, 4]), &zeros(&[3, 5]), &zeros(&[5, 4])));
     is_shape(soft_embedding_backward(
         Some(&mut zeros(&[3, 4])),

@@ -1,8 +1,8 @@
-//! Exact (erf) GELU against float64, its backward against finite differences.
+//! Exact (erf) GELU and tanh against float64, their backwards against finite differences.
 mod common;
 
 use common::*;
-use kd_kernels::ops::gelu::{gelu_backward, gelu_forward};
+use kd_kernels::ops::gelu::{gelu_backward, gelu_forward, tanh_backward, tanh_forward};
 use kd_kernels::rng::Rng;
 use kd_kernels::Error;
 
@@ -73,6 +73,27 @@ fn backward_takes_any_shape_and_accumulates() {
 }
 
 #[test]
+fn tanh_matches_reference_and_finite_differences() {
+    let mut rng = Rng::new(4);
+    for n in [1, 9, 40_000] {
+        let x = randn(&mut rng, n, 2.0);
+        let mut y = tensor(&vec![f32::NAN; n], &[n]);
+        tanh_forward(&mut y, &tensor(&x, &[n])).unwrap();
+        let want: Vec<f64> = x.iter().map(|&v| (v as f64).tanh()).collect();
+        assert_close("tanh", y.cpu().unwrap(), &want, 1e-6, 1e-7);
+
+        let r = randn(&mut rng, n, 1.0);
+        let dx0 = randn(&mut rng, n, 1.0);
+        let mut dx = tensor(&dx0, &[n]);
+        tanh_backward(&mut dx, &tensor(&r, &[n]), &y).unwrap();
+        let grad: Vec<f32> = dx.cpu().unwrap().iter().zip(&dx0).map(|(a, b)| a - b).collect();
+        let loss = |x: &[f32]| x.iter().zip(&r).map(|(&x, &r)| (x as f64).tanh() * r as f64).sum::<f64>();
+        let at = probe_indices(&mut rng, n, 30);
+        check_grad("tanh dx", &x, &grad, 1e-3, 1e-4, 1e-5, Some(&at), loss);
+    }
+}
+
+#[test]
 fn rejects_bad_shapes() {
     let r = gelu_forward(&mut zeros(&[3, 4]), &zeros(&[4, 3]));
     assert!(matches!(r, Err(Error::Shape { op: "gelu_forward", .. })), "{r:?}");
@@ -80,4 +101,8 @@ fn rejects_bad_shapes() {
     assert!(matches!(r, Err(Error::Shape { op: "gelu_backward", .. })), "{r:?}");
     let r = gelu_backward(&mut zeros(&[3, 4]), &zeros(&[3, 5]), &zeros(&[3, 4]));
     assert!(matches!(r, Err(Error::Shape { op: "gelu_backward", .. })), "{r:?}");
+    let r = tanh_forward(&mut zeros(&[3]), &zeros(&[4]));
+    assert!(matches!(r, Err(Error::Shape { op: "tanh_forward", .. })), "{r:?}");
+    let r = tanh_backward(&mut zeros(&[4]), &zeros(&[4]), &zeros(&[3]));
+    assert!(matches!(r, Err(Error::Shape { op: "tanh_backward", .. })), "{r:?}");
 }

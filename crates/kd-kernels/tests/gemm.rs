@@ -224,13 +224,37 @@ fn linear_backward_matches_finite_differences() {
 }
 
 #[test]
+fn linear_takes_other_views_of_the_rows() {
+    // x as [N, D] with out, dout and dx as [B, L, D] (and the reverse) work on the same rows.
+    let mut rng = Rng::new(7);
+    let (b, l, d_in, d_out) = (2, 3, 5, 4);
+    let x = randn(&mut rng, b * l * d_in, 1.0);
+    let w = randn(&mut rng, d_out * d_in, 1.0);
+    let dout = randn(&mut rng, b * l * d_out, 1.0);
+    let run = |x_shape: &[usize], out_shape: &[usize], dx_shape: &[usize]| {
+        let (xt, wt) = (tensor(&x, x_shape), tensor(&w, &[d_out, d_in]));
+        let mut out = zeros(out_shape);
+        linear_forward(&mut out, &xt, &wt, None).unwrap();
+        let (mut dx, mut dw) = (zeros(dx_shape), zeros(&[d_out, d_in]));
+        linear_backward(Some(&mut dx), &mut dw, None, &tensor(&dout, out_shape), &xt, &wt).unwrap();
+        (out.to_vec().unwrap(), dx.to_vec().unwrap(), dw.to_vec().unwrap())
+    };
+    let flat = run(&[b * l, d_in], &[b * l, d_out], &[b * l, d_in]);
+    assert_close("out", &flat.0, &ref_linear(&x, &w, None, d_in, d_out), 1e-5, 1e-5);
+    assert_eq!(flat, run(&[b * l, d_in], &[b, l, d_out], &[b, l, d_in]));
+    assert_eq!(flat, run(&[b, l, d_in], &[b * l, d_out], &[b * l, d_in]));
+}
+
+#[test]
 fn linear_rejects_bad_shapes() {
     let check = |r: kd_kernels::Result<()>, op: &str| {
         assert!(matches!(&r, Err(Error::Shape { op: o, .. }) if *o == op), "{r:?}");
     };
     let (x, w) = (zeros(&[4, 3]), zeros(&[5, 3]));
     check(linear_forward(&mut zeros(&[4, 5]), &zeros(&[4, 2]), &w, None), "linear_forward"); // x vs w
-    check(linear_forward(&mut zeros(&[4, 3]), &x, &w, None), "linear_forward"); // out
+    check(linear_forward(&mut zeros(&[4, 3]), &x, &w, None), "linear_forward"); // out width
+    check(linear_forward(&mut zeros(&[2, 5]), &x, &w, None), "linear_forward"); // out rows
+    check(linear_forward(&mut zeros(&[2, 3, 5]), &x, &w, None), "linear_forward"); // out rows, other view
     check(linear_forward(&mut zeros(&[4, 5]), &x, &w, Some(&zeros(&[3]))), "linear_forward"); // bias
     check(linear_forward(&mut zeros(&[4, 5]), &x, &zeros(&[5, 3, 1]), None), "linear_forward"); // w rank
     let dout = zeros(&[4, 5]);

@@ -2,7 +2,7 @@
 //! add (residual connections), in-place accumulate and scale.
 use rayon::prelude::*;
 
-use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
+use crate::{common_device, Device, Error, Result, Tensor};
 
 /// Elements per rayon task in element-wise loops: large enough to amortise the task.
 const CHUNK: usize = 1 << 14;
@@ -36,11 +36,12 @@ pub fn bias_backward(dbias: &mut Tensor, dout: &Tensor) -> Result<()> {
     }
 }
 
-/// `out = a + b` (a residual connection), all three of one shape.
+/// `out = a + b` (a residual connection). `b` and `out` hold the rows of `a`, in `a`'s shape or
+/// another view of them (`[N, D]` against `[B, L, D]`).
 pub fn add(out: &mut Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
     const OP: &str = "add";
-    expect_shape(OP, "b", b, a.shape())?;
-    expect_shape(OP, "out", out, a.shape())?;
+    expect_rows(OP, "b", b, lead_rows(a), a.last_dim())?;
+    expect_rows(OP, "out", out, lead_rows(a), a.last_dim())?;
     match common_device(OP, &[out, a, b])? {
         Device::Cpu => {
             let (a, b) = (a.cpu()?, b.cpu()?);
@@ -54,10 +55,10 @@ pub fn add(out: &mut Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
     }
 }
 
-/// `dst += src`, both of one shape.
+/// `dst += src`, `src` holding the rows of `dst` in the same or another view (see [`add`]).
 pub fn add_inplace(dst: &mut Tensor, src: &Tensor) -> Result<()> {
     const OP: &str = "add_inplace";
-    expect_shape(OP, "src", src, dst.shape())?;
+    expect_rows(OP, "src", src, lead_rows(dst), dst.last_dim())?;
     match common_device(OP, &[dst, src])? {
         Device::Cpu => {
             let src = src.cpu()?;
@@ -80,6 +81,23 @@ pub fn scale_inplace(x: &mut Tensor, s: f32) -> Result<()> {
         }
         Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
     }
+}
+
+/// Number of rows of `t` read as `[rows, last]`: the product of its leading axes.
+pub(crate) fn lead_rows(t: &Tensor) -> usize {
+    t.shape().split_last().map_or(1, |(_, lead)| lead.iter().product())
+}
+
+/// Errors unless `t` is `rows` rows of `last` values, in any leading shape (`[N, D]` and
+/// `[B, L, D]` are two views of the same token rows).
+pub(crate) fn expect_rows(op: &'static str, what: &str, t: &Tensor, rows: usize, last: usize) -> Result<()> {
+    if t.last_dim() != last || lead_rows(t) != rows {
+        return Err(Error::shape(
+            op,
+            format!("{what} is {:?}, expected {rows} rows of {last} ([.., {last}])", t.shape()),
+        ));
+    }
+    Ok(())
 }
 
 /// Errors unless `t` is `[.., D]` for the `[D]` vector `v`.

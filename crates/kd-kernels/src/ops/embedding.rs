@@ -3,14 +3,15 @@
 //! product `probs . table`.
 use rayon::prelude::*;
 
+use crate::ops::bias::{expect_rows, lead_rows};
 use crate::ops::gemm::{all_threads, gemm_cpu, Mat};
 use crate::{common_device, expect_shape, Device, Error, IdTensor, Result, Tensor};
 
 /// `out[i, :] = table[ids[i], :]`, or `+=` when `accumulate` (BERT sums the word, position and
-/// token-type embeddings into one buffer). `out` is `[.., D]` with one row per id.
+/// token-type embeddings into one buffer). `out` holds one row of D per id, in any leading shape.
 pub fn embedding_forward(out: &mut Tensor, ids: &IdTensor, table: &Tensor, accumulate: bool) -> Result<()> {
     const OP: &str = "embedding_forward";
-    let d = check_ids(OP, out, ids, table)?;
+    let d = check_ids(OP, "out", out, ids, table)?;
     match ids_device(OP, ids, common_device(OP, &[out, table])?)? {
         Device::Cpu => {
             check_range(OP, ids.cpu()?, table.shape()[0])?;
@@ -36,7 +37,7 @@ pub fn embedding_forward(out: &mut Tensor, ids: &IdTensor, table: &Tensor, accum
 /// whatever the thread count.
 pub fn embedding_backward(dtable: &mut Tensor, dout: &Tensor, ids: &IdTensor) -> Result<()> {
     const OP: &str = "embedding_backward";
-    let d = check_ids(OP, dout, ids, dtable)?;
+    let d = check_ids(OP, "dout", dout, ids, dtable)?;
     match ids_device(OP, ids, common_device(OP, &[dtable, dout])?)? {
         Device::Cpu => {
             let (ids, dout) = (ids.cpu()?, dout.cpu()?);
@@ -62,13 +63,13 @@ pub fn embedding_backward(dtable: &mut Tensor, dout: &Tensor, ids: &IdTensor) ->
 }
 
 /// `out = probs . table` (or `+=` when `accumulate`): `probs` `[.., V]` holds one distribution
-/// over the vocabulary per token, `table` is `[V, D]`, `out` `[.., D]`.
+/// over the vocabulary per token, `table` is `[V, D]`, `out` one row of D per token.
 pub fn soft_embedding_forward(out: &mut Tensor, probs: &Tensor, table: &Tensor, accumulate: bool) -> Result<()> {
     const OP: &str = "soft_embedding_forward";
     let (v, d) = check_soft(OP, "out", out, probs, table)?;
     match common_device(OP, &[out, probs, table])? {
         Device::Cpu => {
-            let probs = Mat::new(probs.cpu()?, probs.rows(), v, false);
+            let probs = Mat::new(probs.cpu()?, lead_rows(probs), v, false);
             let table = Mat::new(table.cpu()?, v, d, false);
             gemm_cpu(out.cpu_mut()?, probs, table, 1.0, if accumulate { 1.0 } else { 0.0 }, all_threads());
             Ok(())
@@ -90,13 +91,13 @@ pub fn soft_embedding_backward(
     let (v, d) = check_soft(OP, "dout", dout, probs, table)?;
     expect_shape(OP, "dtable", dtable, table.shape())?;
     if let Some(dp) = &dprobs {
-        expect_shape(OP, "dprobs", dp, probs.shape())?;
+        expect_rows(OP, "dprobs", dp, lead_rows(probs), v)?;
     }
     let mut all = vec![&*dtable, dout, probs, table];
     all.extend(dprobs.as_deref());
     match common_device(OP, &all)? {
         Device::Cpu => {
-            let n = probs.rows();
+            let n = lead_rows(probs);
             let dout_mat = Mat::new(dout.cpu()?, n, d, false);
             if let Some(dp) = dprobs {
                 gemm_cpu(dp.cpu_mut()?, dout_mat, Mat::new(table.cpu()?, v, d, true), 1.0, 1.0, all_threads());
@@ -109,19 +110,12 @@ pub fn soft_embedding_backward(
     }
 }
 
-/// Checks `rows` (`[.., D]`, one row per id) against `table` (`[V, D]`); returns D.
-fn check_ids(op: &'static str, rows: &Tensor, ids: &IdTensor, table: &Tensor) -> Result<usize> {
+/// Checks `rows` (one row of D per id, any leading shape) against `table` `[V, D]`; returns D.
+fn check_ids(op: &'static str, what: &str, rows: &Tensor, ids: &IdTensor, table: &Tensor) -> Result<usize> {
     let [_, d] = *table.shape() else {
         return Err(Error::shape(op, format!("table is {:?}, expected [V, D]", table.shape())));
     };
-    let mut want = ids.shape().to_vec();
-    want.push(d);
-    if rows.shape() != want && rows.shape() != [ids.numel(), d] {
-        return Err(Error::shape(
-            op,
-            format!("rows are {:?}, expected {want:?} for ids {:?}", rows.shape(), ids.shape()),
-        ));
-    }
+    expect_rows(op, what, rows, ids.numel(), d)?;
     Ok(d)
 }
 
@@ -142,7 +136,7 @@ fn check_range(op: &'static str, ids: &[u32], vocab: usize) -> Result<()> {
     }
 }
 
-/// Checks `rows` `[.., D]` against `probs` `[.., V]` and `table` `[V, D]`; returns (V, D).
+/// Checks `rows` (one row of D per row of `probs` `[.., V]`) and `table` `[V, D]`; returns (V, D).
 fn check_soft(op: &'static str, what: &str, rows: &Tensor, probs: &Tensor, table: &Tensor) -> Result<(usize, usize)> {
     let [v, d] = *table.shape() else {
         return Err(Error::shape(op, format!("table is {:?}, expected [V, D]", table.shape())));
@@ -153,9 +147,6 @@ fn check_soft(op: &'static str, what: &str, rows: &Tensor, probs: &Tensor, table
             format!("probs is {:?}, expected [.., {v}] (table is {:?})", probs.shape(), table.shape()),
         ));
     }
-    let mut want = probs.shape().to_vec();
-    want.pop();
-    want.push(d);
-    expect_shape(op, what, rows, &want)?;
+    expect_rows(op, what, rows, lead_rows(probs), d)?;
     Ok((v, d))
 }

@@ -1,6 +1,7 @@
-//! Exact GELU, HF's `"gelu"`: `0.5 * x * (1 + erf(x / sqrt 2))`.
+//! Activations: exact GELU, HF's `"gelu"`: `0.5 * x * (1 + erf(x / sqrt 2))`, and tanh (the
+//! pooler's).
 //!
-//! `1 + erf(z)` is written `erfc(-z)`, which keeps full relative precision in the left tail
+//! For GELU, `1 + erf(z)` is written `erfc(-z)`, which keeps full relative precision in the left tail
 //! where `1 + erf(z)` cancels to nothing. It is evaluated in f64: in f32 the rounding of
 //! `x / sqrt 2` alone costs a few 1e-6 of relative precision in the tails, and `erfcf` is only
 //! about 30% faster than `erfc`.
@@ -13,36 +14,60 @@ const CHUNK: usize = 1 << 14;
 
 /// `out = gelu(x)`.
 pub fn gelu_forward(out: &mut Tensor, x: &Tensor) -> Result<()> {
-    const OP: &str = "gelu_forward";
-    expect_shape(OP, "out", out, x.shape())?;
-    match common_device(OP, &[out, x])? {
-        Device::Cpu => {
-            let x = x.cpu()?;
-            out.cpu_mut()?.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, x)| {
-                out.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu(v));
-            });
-            Ok(())
-        }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
-    }
+    map_forward("gelu_forward", out, x, gelu)
 }
 
 /// `dx += dout * gelu'(x)`.
 pub fn gelu_backward(dx: &mut Tensor, dout: &Tensor, x: &Tensor) -> Result<()> {
-    const OP: &str = "gelu_backward";
-    expect_shape(OP, "dx", dx, x.shape())?;
-    expect_shape(OP, "dout", dout, x.shape())?;
-    match common_device(OP, &[dx, dout, x])? {
+    map_backward("gelu_backward", dx, dout, x, gelu_grad)
+}
+
+/// `out = tanh(x)` (BERT's pooler activation).
+pub fn tanh_forward(out: &mut Tensor, x: &Tensor) -> Result<()> {
+    map_forward("tanh_forward", out, x, f32::tanh)
+}
+
+/// `dx += dout * (1 - y^2)`, from the forward's output `y = tanh(x)`.
+pub fn tanh_backward(dx: &mut Tensor, dout: &Tensor, y: &Tensor) -> Result<()> {
+    map_backward("tanh_backward", dx, dout, y, |y| 1.0 - y * y)
+}
+
+/// `out = f(x)` element-wise.
+fn map_forward(op: &'static str, out: &mut Tensor, x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<()> {
+    expect_shape(op, "out", out, x.shape())?;
+    match common_device(op, &[out, x])? {
         Device::Cpu => {
-            let (dout, x) = (dout.cpu()?, x.cpu()?);
-            dx.cpu_mut()?.par_chunks_mut(CHUNK).zip(dout.par_chunks(CHUNK)).zip(x.par_chunks(CHUNK)).for_each(
-                |((dx, dout), x)| {
-                    dx.iter_mut().zip(dout).zip(x).for_each(|((d, &g), &v)| *d += g * gelu_grad(v));
+            let x = x.cpu()?;
+            out.cpu_mut()?.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, x)| {
+                out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
+            });
+            Ok(())
+        }
+        Device::Cuda(_) => Err(Error::CudaUnsupported { op }),
+    }
+}
+
+/// `dx += dout * grad(saved)` element-wise, `saved` being what the forward kept (input or output).
+fn map_backward(
+    op: &'static str,
+    dx: &mut Tensor,
+    dout: &Tensor,
+    saved: &Tensor,
+    grad: impl Fn(f32) -> f32 + Sync,
+) -> Result<()> {
+    expect_shape(op, "dx", dx, saved.shape())?;
+    expect_shape(op, "dout", dout, saved.shape())?;
+    match common_device(op, &[dx, dout, saved])? {
+        Device::Cpu => {
+            let (dout, saved) = (dout.cpu()?, saved.cpu()?);
+            dx.cpu_mut()?.par_chunks_mut(CHUNK).zip(dout.par_chunks(CHUNK)).zip(saved.par_chunks(CHUNK)).for_each(
+                |((dx, dout), saved)| {
+                    dx.iter_mut().zip(dout).zip(saved).for_each(|((d, &g), &s)| *d += g * grad(s));
                 },
             );
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(_) => Err(Error::CudaUnsupported { op }),
     }
 }
 

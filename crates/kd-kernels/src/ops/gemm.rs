@@ -5,7 +5,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::ops::bias::bias_backward;
+use crate::ops::bias::{bias_backward, expect_rows, lead_rows};
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
 /// How `matmul` combines its operands: `out = alpha * op(a) . op(b) + beta * out`.
@@ -75,10 +75,12 @@ pub fn matmul(out: &mut Tensor, a: &Tensor, b: &Tensor, spec: MatmulSpec) -> Res
 }
 
 /// HF `nn.Linear`: `out[.., out] = x[.., in] . w[out, in]^T + bias[out]` over every row of `x`.
+/// `out` (and in the backward `dout` and `dx`) may view the same rows in another leading shape
+/// than `x` (`[N, D]` against `[B, L, D]`).
 pub fn linear_forward(out: &mut Tensor, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<()> {
     const OP: &str = "linear_forward";
-    let (d_out, d_in) = linear_dims(OP, x, w)?;
-    expect_shape(OP, "out", out, &row_shape(x, d_out))?;
+    let (rows, d_out, d_in) = linear_dims(OP, x, w)?;
+    expect_rows(OP, "out", out, rows, d_out)?;
     if let Some(bias) = bias {
         expect_shape(OP, "bias", bias, &[d_out])?;
     }
@@ -86,7 +88,6 @@ pub fn linear_forward(out: &mut Tensor, x: &Tensor, w: &Tensor, bias: Option<&Te
     all.extend(bias);
     match common_device(OP, &all)? {
         Device::Cpu => {
-            let rows = x.rows();
             let out = out.cpu_mut()?;
             // The bias goes in first so the product can be added onto it in the same pass.
             let beta = match bias {
@@ -118,11 +119,11 @@ pub fn linear_backward(
     w: &Tensor,
 ) -> Result<()> {
     const OP: &str = "linear_backward";
-    let (d_out, d_in) = linear_dims(OP, x, w)?;
-    expect_shape(OP, "dout", dout, &row_shape(x, d_out))?;
+    let (rows, d_out, d_in) = linear_dims(OP, x, w)?;
+    expect_rows(OP, "dout", dout, rows, d_out)?;
     expect_shape(OP, "dw", dw, w.shape())?;
     if let Some(dx) = &dx {
-        expect_shape(OP, "dx", dx, x.shape())?;
+        expect_rows(OP, "dx", dx, rows, d_in)?;
     }
     if let Some(db) = &db {
         expect_shape(OP, "db", db, &[d_out])?;
@@ -132,7 +133,6 @@ pub fn linear_backward(
     all.extend(db.as_deref());
     match common_device(OP, &all)? {
         Device::Cpu => {
-            let rows = x.rows();
             let dout_mat = Mat::new(dout.cpu()?, rows, d_out, false);
             if let Some(dx) = dx {
                 gemm_cpu(dx.cpu_mut()?, dout_mat, Mat::new(w.cpu()?, d_out, d_in, false), 1.0, 1.0, all_threads());
@@ -157,8 +157,8 @@ fn batch_dims(op: &'static str, what: &str, t: &Tensor) -> Result<(Option<usize>
     }
 }
 
-/// `(out_features, in_features)` of a linear layer, checked against the input's last axis.
-fn linear_dims(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+/// `(rows of x, out_features, in_features)` of a linear layer, checked against the input's last axis.
+fn linear_dims(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize)> {
     let [d_out, d_in] = *w.shape() else {
         return Err(Error::shape(op, format!("w is {:?}, expected [out_features, in_features]", w.shape())));
     };
@@ -168,16 +168,7 @@ fn linear_dims(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usize
             format!("x is {:?}, expected last axis {d_in} (w is {:?})", x.shape(), w.shape()),
         ));
     }
-    Ok((d_out, d_in))
-}
-
-/// `x`'s shape with its last axis replaced by `last`.
-fn row_shape(x: &Tensor, last: usize) -> Vec<usize> {
-    let mut shape = x.shape().to_vec();
-    if let Some(l) = shape.last_mut() {
-        *l = last;
-    }
-    shape
+    Ok((lead_rows(x), d_out, d_in))
 }
 
 pub(crate) fn all_threads() -> Parallelism {
