@@ -1,1 +1,92 @@
-//! (to be written)
+//! Activations: exact GELU, HF's `"gelu"`: `0.5 * x * (1 + erf(x / sqrt 2))`, and tanh (the
+//! pooler's).
+//!
+//! For GELU, `1 + erf(z)` is written `erfc(-z)`, which keeps full relative precision in the left tail
+//! where `1 + erf(z)` cancels to nothing. It is evaluated in f64: in f32 the rounding of
+//! `x / sqrt 2` alone costs a few 1e-6 of relative precision in the tails, and `erfcf` is only
+//! about 30% faster than `erfc`.
+use rayon::prelude::*;
+
+use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
+
+/// Elements per rayon task.
+const CHUNK: usize = 1 << 14;
+
+/// `out = gelu(x)`.
+pub fn gelu_forward(out: &mut Tensor, x: &Tensor) -> Result<()> {
+    map_forward("gelu_forward", out, x, gelu)
+}
+
+/// `dx += dout * gelu'(x)`.
+pub fn gelu_backward(dx: &mut Tensor, dout: &Tensor, x: &Tensor) -> Result<()> {
+    map_backward("gelu_backward", dx, dout, x, gelu_grad)
+}
+
+/// `out = tanh(x)` (BERT's pooler activation).
+pub fn tanh_forward(out: &mut Tensor, x: &Tensor) -> Result<()> {
+    map_forward("tanh_forward", out, x, f32::tanh)
+}
+
+/// `dx += dout * (1 - y^2)`, from the forward's output `y = tanh(x)`.
+pub fn tanh_backward(dx: &mut Tensor, dout: &Tensor, y: &Tensor) -> Result<()> {
+    map_backward("tanh_backward", dx, dout, y, |y| 1.0 - y * y)
+}
+
+/// `out = f(x)` element-wise.
+fn map_forward(op: &'static str, out: &mut Tensor, x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<()> {
+    expect_shape(op, "out", out, x.shape())?;
+    match common_device(op, &[out, x])? {
+        Device::Cpu => {
+            let x = x.cpu()?;
+            out.cpu_mut()?.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, x)| {
+                out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
+            });
+            Ok(())
+        }
+        Device::Cuda(_) => Err(Error::CudaUnsupported { op }),
+    }
+}
+
+/// `dx += dout * grad(saved)` element-wise, `saved` being what the forward kept (input or output).
+fn map_backward(
+    op: &'static str,
+    dx: &mut Tensor,
+    dout: &Tensor,
+    saved: &Tensor,
+    grad: impl Fn(f32) -> f32 + Sync,
+) -> Result<()> {
+    expect_shape(op, "dx", dx, saved.shape())?;
+    expect_shape(op, "dout", dout, saved.shape())?;
+    match common_device(op, &[dx, dout, saved])? {
+        Device::Cpu => {
+            let (dout, saved) = (dout.cpu()?, saved.cpu()?);
+            dx.cpu_mut()?.par_chunks_mut(CHUNK).zip(dout.par_chunks(CHUNK)).zip(saved.par_chunks(CHUNK)).for_each(
+                |((dx, dout), saved)| {
+                    dx.iter_mut().zip(dout).zip(saved).for_each(|((d, &g), &s)| *d += g * grad(s));
+                },
+            );
+            Ok(())
+        }
+        Device::Cuda(_) => Err(Error::CudaUnsupported { op }),
+    }
+}
+
+/// `Phi(x)`, the standard normal CDF.
+#[inline]
+fn cdf(x: f64) -> f64 {
+    0.5 * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
+}
+
+#[inline]
+fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (x * cdf(x)) as f32
+}
+
+/// `d/dx [x * Phi(x)] = Phi(x) + x * phi(x)`.
+#[inline]
+fn gelu_grad(x: f32) -> f32 {
+    let x = x as f64;
+    let pdf = (-0.5 * x * x).exp() * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+    (cdf(x) + x * pdf) as f32
+}

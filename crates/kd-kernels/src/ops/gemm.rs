@@ -1,1 +1,279 @@
-//! (to be written)
+//! Matrix products: the general (batched, transposed, scaled) `matmul` and the `nn.Linear` pair.
+//!
+//! On the CPU every product goes through the `gemm` crate. A transposed operand is never copied:
+//! it is the same row-major buffer read with its row and column strides swapped.
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::ops::bias::{bias_backward, expect_rows, lead_rows};
+use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
+
+/// How `matmul` combines its operands: `out = alpha * op(a) . op(b) + beta * out`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MatmulSpec {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl MatmulSpec {
+    pub const NN: MatmulSpec = MatmulSpec { trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
+    pub const NT: MatmulSpec = MatmulSpec { trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+    pub const TN: MatmulSpec = MatmulSpec { trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0 };
+    pub const TT: MatmulSpec = MatmulSpec { trans_a: true, trans_b: true, alpha: 1.0, beta: 0.0 };
+
+    /// The same product added onto `out` (beta = 1), as gradients are.
+    pub fn accumulate(self) -> Self {
+        MatmulSpec { beta: 1.0, ..self }
+    }
+}
+
+/// `out = alpha * op(a) . op(b) + beta * out`.
+///
+/// `a` is `[m, k]` or `[batch, m, k]` (`[k, m]` / `[batch, k, m]` when `trans_a`), `b` likewise
+/// `[k, n]` or `[batch, k, n]` (`[n, k]` ... when `trans_b`); a rank-2 operand is shared across
+/// the batch. `out` is `[m, n]` when both operands are rank 2, else `[batch, m, n]`. As in BLAS,
+/// `out` is not read when `beta == 0`, so it may hold garbage (even NaN) then.
+pub fn matmul(out: &mut Tensor, a: &Tensor, b: &Tensor, spec: MatmulSpec) -> Result<()> {
+    const OP: &str = "matmul";
+    let (batch_a, a_rows, a_cols) = batch_dims(OP, "a", a)?;
+    let (batch_b, b_rows, b_cols) = batch_dims(OP, "b", b)?;
+    let (m, ka) = if spec.trans_a { (a_cols, a_rows) } else { (a_rows, a_cols) };
+    let (kb, n) = if spec.trans_b { (b_cols, b_rows) } else { (b_rows, b_cols) };
+    if ka != kb {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "inner dimensions differ: op(a) is {m}x{ka}, op(b) is {kb}x{n} (a {:?}, b {:?})",
+                a.shape(),
+                b.shape()
+            ),
+        ));
+    }
+    let batch = match (batch_a, batch_b) {
+        (Some(x), Some(y)) if x != y => {
+            return Err(Error::shape(OP, format!("batch sizes differ: a {:?}, b {:?}", a.shape(), b.shape())))
+        }
+        (Some(x), _) | (None, Some(x)) => Some(x),
+        (None, None) => None,
+    };
+    match batch {
+        Some(bs) => expect_shape(OP, "out", out, &[bs, m, n])?,
+        None => expect_shape(OP, "out", out, &[m, n])?,
+    }
+    match common_device(OP, &[out, a, b])? {
+        Device::Cpu => {
+            let a_mat = Mat::new(a.cpu()?, a_rows, a_cols, spec.trans_a);
+            let b_mat = Mat::new(b.cpu()?, b_rows, b_cols, spec.trans_b);
+            let (a_step, b_step) = (batch_a.map_or(0, |_| a_rows * a_cols), batch_b.map_or(0, |_| b_rows * b_cols));
+            matmul_cpu(out.cpu_mut()?, batch.unwrap_or(1), a_mat, a_step, b_mat, b_step, spec.alpha, spec.beta);
+            Ok(())
+        }
+        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+    }
+}
+
+/// HF `nn.Linear`: `out[.., out] = x[.., in] . w[out, in]^T + bias[out]` over every row of `x`.
+/// `out` (and in the backward `dout` and `dx`) may view the same rows in another leading shape
+/// than `x` (`[N, D]` against `[B, L, D]`).
+pub fn linear_forward(out: &mut Tensor, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+    const OP: &str = "linear_forward";
+    let (rows, d_out, d_in) = linear_dims(OP, x, w)?;
+    expect_rows(OP, "out", out, rows, d_out)?;
+    if let Some(bias) = bias {
+        expect_shape(OP, "bias", bias, &[d_out])?;
+    }
+    let mut all = vec![&*out, x, w];
+    all.extend(bias);
+    match common_device(OP, &all)? {
+        Device::Cpu => {
+            let out = out.cpu_mut()?;
+            // The bias goes in first so the product can be added onto it in the same pass.
+            let beta = match bias {
+                Some(bias) => {
+                    let bias = bias.cpu()?;
+                    out.par_chunks_mut(d_out.max(1)).for_each(|row| row.copy_from_slice(bias));
+                    1.0
+                }
+                None => 0.0,
+            };
+            let x_mat = Mat::new(x.cpu()?, rows, d_in, false);
+            let w_t = Mat::new(w.cpu()?, d_out, d_in, true);
+            gemm_cpu(out, x_mat, w_t, 1.0, beta, all_threads());
+            Ok(())
+        }
+        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+    }
+}
+
+/// Backward of [`linear_forward`], accumulating: `dx += dout . w`, `dw += dout^T . x`,
+/// `db += sum over rows of dout`. `dx` and `db` are skipped when `None` (an input that needs no
+/// gradient, a layer without bias).
+pub fn linear_backward(
+    dx: Option<&mut Tensor>,
+    dw: &mut Tensor,
+    db: Option<&mut Tensor>,
+    dout: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+) -> Result<()> {
+    const OP: &str = "linear_backward";
+    let (rows, d_out, d_in) = linear_dims(OP, x, w)?;
+    expect_rows(OP, "dout", dout, rows, d_out)?;
+    expect_shape(OP, "dw", dw, w.shape())?;
+    if let Some(dx) = &dx {
+        expect_rows(OP, "dx", dx, rows, d_in)?;
+    }
+    if let Some(db) = &db {
+        expect_shape(OP, "db", db, &[d_out])?;
+    }
+    let mut all = vec![&*dw, dout, x, w];
+    all.extend(dx.as_deref());
+    all.extend(db.as_deref());
+    match common_device(OP, &all)? {
+        Device::Cpu => {
+            let dout_mat = Mat::new(dout.cpu()?, rows, d_out, false);
+            if let Some(dx) = dx {
+                gemm_cpu(dx.cpu_mut()?, dout_mat, Mat::new(w.cpu()?, d_out, d_in, false), 1.0, 1.0, all_threads());
+            }
+            let dout_t = Mat::new(dout.cpu()?, rows, d_out, true);
+            gemm_cpu(dw.cpu_mut()?, dout_t, Mat::new(x.cpu()?, rows, d_in, false), 1.0, 1.0, all_threads());
+            if let Some(db) = db {
+                bias_backward(db, dout)?;
+            }
+            Ok(())
+        }
+        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+    }
+}
+
+/// `(batch, rows, cols)` of a rank-2 or rank-3 operand.
+fn batch_dims(op: &'static str, what: &str, t: &Tensor) -> Result<(Option<usize>, usize, usize)> {
+    match *t.shape() {
+        [r, c] => Ok((None, r, c)),
+        [b, r, c] => Ok((Some(b), r, c)),
+        _ => Err(Error::shape(op, format!("{what} is {:?}, expected rank 2 or 3", t.shape()))),
+    }
+}
+
+/// `(rows of x, out_features, in_features)` of a linear layer, checked against the input's last axis.
+fn linear_dims(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize)> {
+    let [d_out, d_in] = *w.shape() else {
+        return Err(Error::shape(op, format!("w is {:?}, expected [out_features, in_features]", w.shape())));
+    };
+    if x.shape().is_empty() || x.last_dim() != d_in {
+        return Err(Error::shape(
+            op,
+            format!("x is {:?}, expected last axis {d_in} (w is {:?})", x.shape(), w.shape()),
+        ));
+    }
+    Ok((lead_rows(x), d_out, d_in))
+}
+
+pub(crate) fn all_threads() -> Parallelism {
+    Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// A logical `rows x cols` matrix over a row-major buffer; a transpose only swaps the strides.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<'a> Mat<'a> {
+    /// The `stored_rows x stored_cols` row-major matrix at the front of `data`, or its transpose.
+    pub(crate) fn new(data: &'a [f32], stored_rows: usize, stored_cols: usize, transpose: bool) -> Self {
+        let (rs, cs) = (stored_cols as isize, 1);
+        if transpose {
+            Mat { data, rows: stored_cols, cols: stored_rows, row_stride: cs, col_stride: rs }
+        } else {
+            Mat { data, rows: stored_rows, cols: stored_cols, row_stride: rs, col_stride: cs }
+        }
+    }
+
+    /// The same view over `data[offset..]` (the next matrix of a batch).
+    fn at(self, offset: usize) -> Self {
+        Mat { data: &self.data[offset..], ..self }
+    }
+}
+
+/// `out = alpha * a . b + beta * out` with `out` a contiguous row-major `[a.rows, b.cols]`.
+pub(crate) fn gemm_cpu(out: &mut [f32], a: Mat, b: Mat, alpha: f32, beta: f32, par: Parallelism) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && out.len() == m * n, "gemm_cpu: shapes checked by the caller");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // An empty sum: only the beta term is left.
+        if beta == 0.0 {
+            out.fill(0.0);
+        } else {
+            out.iter_mut().for_each(|o| *o *= beta);
+        }
+        return;
+    }
+    let last = |mat: Mat| (mat.rows - 1) as isize * mat.row_stride + (mat.cols - 1) as isize * mat.col_stride;
+    assert!(last(a) < a.data.len() as isize && last(b) < b.data.len() as isize, "gemm_cpu: operand out of bounds");
+    // SAFETY: the asserts above keep every element the strides reach inside the slices, and
+    // `out` is an exclusive borrow that no operand can alias. The crate computes
+    // `dst = alpha * dst + beta * lhs . rhs` (its alpha and beta are BLAS's swapped), reading
+    // dst only when `read_dst`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            beta != 0.0,
+            a.data.as_ptr(),
+            a.col_stride,
+            a.row_stride,
+            b.data.as_ptr(),
+            b.col_stride,
+            b.row_stride,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// The batched product: one `gemm_cpu` per batch entry, `a_step`/`b_step` elements apart (0 for
+/// an operand shared across the batch).
+#[allow(clippy::too_many_arguments)]
+fn matmul_cpu(out: &mut [f32], batch: usize, a: Mat, a_step: usize, b: Mat, b_step: usize, alpha: f32, beta: f32) {
+    let (m, n) = (a.rows, b.cols);
+    let threads = rayon::current_num_threads();
+    if b_step == 0 && a_step != 0 && a.col_stride == 1 {
+        // A batch of row-major `a` against one shared `b` is a single taller product.
+        let tall = Mat { rows: m * batch, ..a };
+        gemm_cpu(out, tall, b, alpha, beta, all_threads());
+    } else if batch >= threads && m * n > 0 {
+        // Many small products (attention heads): one per task, each single-threaded.
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {
+            gemm_cpu(o, a.at(i * a_step), b.at(i * b_step), alpha, beta, Parallelism::None);
+        });
+    } else {
+        for i in 0..batch {
+            gemm_cpu(
+                &mut out[i * m * n..(i + 1) * m * n],
+                a.at(i * a_step),
+                b.at(i * b_step),
+                alpha,
+                beta,
+                all_threads(),
+            );
+        }
+    }
+}
