@@ -89,16 +89,22 @@ fn bench_attention(c: &mut Criterion) {
             let mask = Tensor::from_vec(vec![1.0; batch * seq], &[batch, seq], &device).unwrap();
             let mut out = zeros(&[batch, seq, width], &device);
             let mut probs = zeros(&[batch, heads, seq, seq], &device);
-            let (mut dq, mut dk, mut dv) =
-                (zeros(&[batch, seq, width], &device), zeros(&[batch, seq, width], &device), zeros(&[batch, seq, width], &device));
+            let (mut dq, mut dk, mut dv) = (
+                zeros(&[batch, seq, width], &device),
+                zeros(&[batch, seq, width], &device),
+                zeros(&[batch, seq, width], &device),
+            );
             // Forward 4*B*H*L^2*Dh FLOP; backward about 2.5x that.
             group.throughput(Throughput::Elements((3.5 * 4.0 * (batch * heads * seq * seq * head_dim) as f64) as u64));
-            group.bench_function(BenchmarkId::new(format!("{device}"), format!("B{batch}-H{heads}-L{seq}-D{head_dim}")), |b| {
-                b.iter(|| {
-                    attention_forward(&mut out, &mut probs, None, &q, &k, &v, &mask).unwrap();
-                    attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, None).unwrap();
-                })
-            });
+            group.bench_function(
+                BenchmarkId::new(format!("{device}"), format!("B{batch}-H{heads}-L{seq}-D{head_dim}")),
+                |b| {
+                    b.iter(|| {
+                        attention_forward(&mut out, &mut probs, None, &q, &k, &v, &mask).unwrap();
+                        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, None).unwrap();
+                    })
+                },
+            );
         }
     }
     group.finish();

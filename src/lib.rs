@@ -3,3 +3,5 @@
 //! The root package re-exports the workspace crates and owns the end-to-end tests (`tests/`)
 //! and the criterion benchmarks (`benches/`).
 pub use kd_kernels as kernels;
+pub use kd_methods as methods;
+pub use kd_model as model;

@@ -34,11 +34,6 @@ impl Golden {
         self.arrays.get(name).unwrap_or_else(|| panic!("golden tensor {name} missing"))
     }
 
-    fn tensor(&self, name: &str) -> Tensor {
-        let a = self.get(name);
-        Tensor::from_slice(&a.data, &a.shape, &Device::Cpu).unwrap()
-    }
-
     fn model(&self, who: &str) -> Bert {
         let dir = assets::asset(&format!("golden/{who}_config/config.json")).unwrap();
         let config = BertConfig::from_file(&dir).unwrap();
@@ -46,9 +41,12 @@ impl Golden {
         let named: BTreeMap<String, HostArray> = self
             .arrays
             .iter()
-            .filter_map(|(k, v)| k.strip_prefix(&prefix).filter(|r| !r.starts_with("out.")).map(|r| (r.to_string(), v.clone())))
+            .filter_map(|(k, v)| {
+                k.strip_prefix(&prefix).filter(|r| !r.starts_with("out.")).map(|r| (r.to_string(), v.clone()))
+            })
             .collect();
-        let weights = BertWeights::from_arrays(named, &config, &Device::Cpu, Path::new("tiny_bert.safetensors")).unwrap();
+        let weights =
+            BertWeights::from_arrays(named, &config, &Device::Cpu, Path::new("tiny_bert.safetensors")).unwrap();
         Bert::new(config, weights)
     }
 
@@ -56,8 +54,15 @@ impl Golden {
         let ids = self.get("input.ids");
         let (b, l) = (ids.shape[0], ids.shape[1]);
         let as_u32 = |a: &HostArray| a.data.iter().map(|&v| v as u32).collect::<Vec<_>>();
-        EncoderBatch::new(&as_u32(ids), &as_u32(self.get("input.token_type_ids")), &self.get("input.attention_mask").data, b, l, &Device::Cpu)
-            .unwrap()
+        EncoderBatch::new(
+            &as_u32(ids),
+            &as_u32(self.get("input.token_type_ids")),
+            &self.get("input.attention_mask").data,
+            b,
+            l,
+            &Device::Cpu,
+        )
+        .unwrap()
     }
 }
 
@@ -66,6 +71,7 @@ fn max_abs_diff(got: &Tensor, want: &HostArray) -> f32 {
     got.to_vec().unwrap().iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
 }
 
+/// ||got - want|| / ||want||.
 fn rel_err(got: &Tensor, want: &HostArray) -> f64 {
     let g = got.to_vec().unwrap();
     let num: f64 = g.iter().zip(&want.data).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
@@ -111,7 +117,12 @@ fn tiny_bert_gradients_match_pytorch_for_every_loss() {
     let teacher = g.model("teacher");
     let student = g.model("student");
     let (t_acts, _) = run(&teacher, &batch);
-    let labels = IdTensor::from_vec(g.get("input.labels").data.iter().map(|&v| v as u32).collect(), &[batch.batch], &Device::Cpu).unwrap();
+    let labels = IdTensor::from_vec(
+        g.get("input.labels").data.iter().map(|&v| v as u32).collect(),
+        &[batch.batch],
+        &Device::Cpu,
+    )
+    .unwrap();
     let t_logits = t_acts.logits.as_ref().unwrap();
     let last = student.config.num_hidden_layers;
     let temperature = g.temperature;
@@ -120,7 +131,8 @@ fn tiny_bert_gradients_match_pytorch_for_every_loss() {
     let ce: LossFn = Box::new(|o, s| losses::cross_entropy(o, s, &labels, None, 1.0).unwrap());
     let kd: LossFn = Box::new(|o, s| losses::logit_kd(o, s, t_logits, temperature, None, 1.0).unwrap());
     let hid: LossFn = Box::new(|o, s| losses::hidden_mse(o, s, &t_acts, &[(last, last)], &batch.mask, 1.0).unwrap());
-    let att: LossFn = Box::new(|o, s| losses::attention_kl(o, s, &t_acts, &[(last - 1, last - 1)], &batch.mask, 1.0).unwrap());
+    let att: LossFn =
+        Box::new(|o, s| losses::attention_kl(o, s, &t_acts, &[(last - 1, last - 1)], &batch.mask, 1.0).unwrap());
     let combined: LossFn = Box::new(|o, s| {
         losses::cross_entropy(o, s, &labels, None, 0.5).unwrap()
             + losses::logit_kd(o, s, t_logits, temperature, None, 0.5).unwrap()
@@ -146,6 +158,13 @@ fn tiny_bert_gradients_match_pytorch_for_every_loss() {
             if param.ends_with("word_embeddings.weight") {
                 return; // the reference fed inputs_embeds: its gradient is checked above
             }
+            if param.ends_with("attention.self.key.bias") {
+                // Zero in exact arithmetic (it shifts every score of a softmax row equally): both
+                // sides hold only rounding noise, so check that ours is noise-sized.
+                let norm = grad.to_vec().unwrap().iter().map(|v| v * v).sum::<f32>().sqrt();
+                assert!(norm < 1e-6, "{name}: {param} should be ~0, norm {norm}");
+                return;
+            }
             let key = format!("grad.{name}.{param}");
             match g.arrays.get(&key) {
                 Some(want) => {
@@ -154,7 +173,9 @@ fn tiny_bert_gradients_match_pytorch_for_every_loss() {
                     checked += 1;
                 }
                 // PyTorch leaves no gradient where the loss does not reach (e.g. the head under hidden_mse).
-                None => assert!(grad.to_vec().unwrap().iter().all(|&v| v == 0.0), "{name}: {param} should get no gradient"),
+                None => {
+                    assert!(grad.to_vec().unwrap().iter().all(|&v| v == 0.0), "{name}: {param} should get no gradient")
+                }
             }
         });
         assert!(checked >= 16, "{name}: only {checked} gradients compared");

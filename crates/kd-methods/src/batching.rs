@@ -66,8 +66,14 @@ pub enum BatchTargets {
 
 pub fn gather_targets(targets: &Targets, indices: &[usize], device: &Device) -> Result<BatchTargets> {
     Ok(match targets {
-        Targets::Classes(v) => BatchTargets::Classes(IdTensor::from_vec(indices.iter().map(|&i| v[i]).collect(), &[indices.len()], device)?),
-        Targets::Scores(v) => BatchTargets::Scores(Tensor::from_vec(indices.iter().map(|&i| v[i]).collect(), &[indices.len()], device)?),
+        Targets::Classes(v) => BatchTargets::Classes(IdTensor::from_vec(
+            indices.iter().map(|&i| v[i]).collect(),
+            &[indices.len()],
+            device,
+        )?),
+        Targets::Scores(v) => {
+            BatchTargets::Scores(Tensor::from_vec(indices.iter().map(|&i| v[i]).collect(), &[indices.len()], device)?)
+        }
     })
 }
 

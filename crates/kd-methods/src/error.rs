@@ -10,6 +10,16 @@ pub enum Error {
     File { path: PathBuf, detail: String },
     #[error("{0}")]
     Invalid(String),
+    /// A method or model set-up that cannot run (a missing head, an empty training set).
+    #[error("{0}")]
+    Config(String),
+    /// A NaN or infinite loss or gradient: training stops with the step number.
+    #[error("non-finite value: {0}")]
+    NonFinite(String),
+    #[error(transparent)]
+    Model(#[from] kd_model::Error),
+    #[error(transparent)]
+    Kernels(#[from] kd_kernels::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

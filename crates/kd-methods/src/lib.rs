@@ -1,6 +1,10 @@
-//! kd-methods: data, metrics, the trainer and the KD methods.
+//! kd-methods: data, metrics, losses, the trainer and one file per KD method.
+pub mod batching;
 pub mod data;
 pub mod error;
+pub mod losses;
+pub mod methods;
 pub mod metrics;
+pub mod trainer;
 
 pub use error::{Error, Result};

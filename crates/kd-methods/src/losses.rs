@@ -24,7 +24,13 @@ fn dlogits(grads: &mut OutputGrads) -> Result<&mut Tensor> {
 }
 
 /// `weight * mean_i w_i * CE(z_i, y_i)` with hard labels and optional per-example weights `w`.
-pub fn cross_entropy(grads: &mut OutputGrads, student: &Activations, labels: &IdTensor, example_weights: Option<&Tensor>, weight: f32) -> Result<f32> {
+pub fn cross_entropy(
+    grads: &mut OutputGrads,
+    student: &Activations,
+    labels: &IdTensor,
+    example_weights: Option<&Tensor>,
+    weight: f32,
+) -> Result<f32> {
     let logits = logits_of(student, "student")?;
     let b = logits.shape()[0];
     let mut rows = Tensor::zeros(&[b], &logits.device())?;
@@ -34,7 +40,14 @@ pub fn cross_entropy(grads: &mut OutputGrads, student: &Activations, labels: &Id
 }
 
 /// `weight * T^2 * mean_i w_i * KL(softmax(t_i / T) || softmax(s_i / T))` on the logits.
-pub fn logit_kd(grads: &mut OutputGrads, student: &Activations, teacher_logits: &Tensor, temperature: f32, example_weights: Option<&Tensor>, weight: f32) -> Result<f32> {
+pub fn logit_kd(
+    grads: &mut OutputGrads,
+    student: &Activations,
+    teacher_logits: &Tensor,
+    temperature: f32,
+    example_weights: Option<&Tensor>,
+    weight: f32,
+) -> Result<f32> {
     let logits = logits_of(student, "student")?;
     let b = logits.shape()[0];
     let mut rows = Tensor::zeros(&[b], &logits.device())?;
@@ -45,7 +58,14 @@ pub fn logit_kd(grads: &mut OutputGrads, student: &Activations, teacher_logits: 
 
 /// `weight * sum over (student state, teacher state) pairs` of the masked hidden-state MSE.
 /// Indices count hidden states: 0 is the embedding output, `l + 1` the output of layer `l`.
-pub fn hidden_mse(grads: &mut OutputGrads, student: &Activations, teacher: &Activations, pairs: &[(usize, usize)], mask: &Tensor, weight: f32) -> Result<f32> {
+pub fn hidden_mse(
+    grads: &mut OutputGrads,
+    student: &Activations,
+    teacher: &Activations,
+    pairs: &[(usize, usize)],
+    mask: &Tensor,
+    weight: f32,
+) -> Result<f32> {
     let device = mask.device();
     let token_mask = mask.try_clone()?.reshape(&[mask.numel()])?;
     let mut total = 0.0;
@@ -72,12 +92,25 @@ fn query_row_weights(mask: &Tensor, heads: usize, device: &Device) -> Result<Ten
 /// `weight * sum over (student layer, teacher layer) pairs` of KL(teacher row || student row)
 /// of the attention maps, masked keys excluded, averaged over (example, head, real query row).
 /// Both forwards must have kept their scores (`ForwardMode::keep_scores`).
-pub fn attention_kl(grads: &mut OutputGrads, student: &Activations, teacher: &Activations, pairs: &[(usize, usize)], mask: &Tensor, weight: f32) -> Result<f32> {
+pub fn attention_kl(
+    grads: &mut OutputGrads,
+    student: &Activations,
+    teacher: &Activations,
+    pairs: &[(usize, usize)],
+    mask: &Tensor,
+    weight: f32,
+) -> Result<f32> {
     let device = mask.device();
     let mut total = 0.0;
     for &(s, t) in pairs {
-        let ss = student.layers[s].scores.as_ref().ok_or_else(|| Error::Config("student forward kept no attention scores".into()))?;
-        let ts = teacher.layers[t].scores.as_ref().ok_or_else(|| Error::Config("teacher forward kept no attention scores".into()))?;
+        let ss = student.layers[s]
+            .scores
+            .as_ref()
+            .ok_or_else(|| Error::Config("student forward kept no attention scores".into()))?;
+        let ts = teacher.layers[t]
+            .scores
+            .as_ref()
+            .ok_or_else(|| Error::Config("teacher forward kept no attention scores".into()))?;
         let heads = ss.shape()[1];
         let row_weights = query_row_weights(mask, heads, &device)?;
         let rows = ss.rows();
@@ -91,7 +124,13 @@ pub fn attention_kl(grads: &mut OutputGrads, student: &Activations, teacher: &Ac
 }
 
 /// The supervised loss on the batch's targets: CE for classes, MSE for regression scores.
-pub fn label_loss(grads: &mut OutputGrads, student: &Activations, targets: &BatchTargets, example_weights: Option<&Tensor>, weight: f32) -> Result<f32> {
+pub fn label_loss(
+    grads: &mut OutputGrads,
+    student: &Activations,
+    targets: &BatchTargets,
+    example_weights: Option<&Tensor>,
+    weight: f32,
+) -> Result<f32> {
     match targets {
         BatchTargets::Classes(labels) => cross_entropy(grads, student, labels, example_weights, weight),
         BatchTargets::Scores(scores) => {

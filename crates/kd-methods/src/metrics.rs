@@ -46,6 +46,20 @@ pub struct Metrics {
     pub spearman: Option<f64>,
 }
 
+impl Metrics {
+    /// The number model selection maximises: the task's headline metric (MCC for CoLA, the
+    /// mean of accuracy and F1 for MRPC/QQP, Pearson for STS-B, accuracy otherwise).
+    pub fn main(&self) -> f64 {
+        match (self.mcc, self.f1, self.pearson, self.accuracy) {
+            (Some(m), _, _, _) => m,
+            (_, Some(f), _, Some(a)) => (f + a) / 2.0,
+            (_, _, Some(p), _) => p,
+            (_, _, _, Some(a)) => a,
+            _ => f64::NAN,
+        }
+    }
+}
+
 /// The metrics of `kind` (or of a GLUE task's convention) for predictions against gold labels:
 /// class labels for the classification kinds, scores for [`MetricKind::Correlation`].
 pub fn task_metrics(kind: impl Into<MetricKind>, preds: &[Label], labels: &[Label]) -> Result<Metrics> {

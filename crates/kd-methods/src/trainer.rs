@@ -10,6 +10,7 @@ use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads};
 use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
 
 use crate::batching::{collate, gather_targets, BatchTargets, EncodedSet, Targets};
+use crate::data::Label;
 use crate::metrics::{task_metrics, MetricKind, Metrics};
 use crate::{Error, Result};
 
@@ -120,7 +121,11 @@ pub fn train(
             let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
             let targets = gather_targets(&train.targets, indices, &device)?;
             let mut acts = student.activations(batch.batch, batch.seq)?;
-            let mode = ForwardMode { train: true, seed: mix64(cfg.seed.wrapping_add(step)), keep_scores: objective.keep_scores() };
+            let mode = ForwardMode {
+                train: true,
+                seed: mix64(cfg.seed.wrapping_add(step)),
+                keep_scores: objective.keep_scores(),
+            };
             student.forward(&mut acts, &batch, None, mode)?;
             let mut out_grads = acts.output_grads()?;
             let input = StepInput { batch: &batch, indices, targets: &targets, epoch, step, steps_per_epoch };
@@ -169,17 +174,16 @@ pub fn predict(model: &Bert, set: &EncodedSet, batch_size: usize) -> Result<Vec<
 /// The task's metrics of `model` on `set`.
 pub fn evaluate(model: &Bert, set: &EncodedSet, batch_size: usize, metric: MetricKind) -> Result<Metrics> {
     let outputs = predict(model, set, batch_size)?;
-    Ok(match &set.targets {
-        Targets::Classes(labels) => {
-            let preds: Vec<usize> = outputs.iter().map(|r| argmax(r)).collect();
-            let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
-            task_metrics(metric, &preds.iter().map(|&p| p as f64).collect::<Vec<_>>(), &labels.iter().map(|&l| l as f64).collect::<Vec<_>>())
-        }
+    let (preds, gold): (Vec<Label>, Vec<Label>) = match &set.targets {
+        Targets::Classes(labels) => (
+            outputs.iter().map(|r| Label::Class(argmax(r))).collect(),
+            labels.iter().map(|&l| Label::Class(l as usize)).collect(),
+        ),
         Targets::Scores(scores) => {
-            let preds: Vec<f64> = outputs.iter().map(|r| r[0] as f64).collect();
-            task_metrics(metric, &preds, &scores.iter().map(|&s| s as f64).collect::<Vec<_>>())
+            (outputs.iter().map(|r| Label::Score(r[0])).collect(), scores.iter().map(|&s| Label::Score(s)).collect())
         }
-    })
+    };
+    task_metrics(metric, &preds, &gold)
 }
 
 pub fn argmax(row: &[f32]) -> usize {

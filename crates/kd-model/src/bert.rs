@@ -12,7 +12,7 @@ use kd_kernels::rng::mix64;
 use kd_kernels::{Device, IdTensor, Tensor};
 
 use crate::config::BertConfig;
-use crate::weights::{BertWeights, LayerNormWeights, Linear};
+use crate::weights::{BertWeights, LayerNorm, Linear};
 use crate::{Error, Result};
 
 /// One tokenized batch on a device: ids (or none when dense input embeddings are given),
@@ -186,7 +186,13 @@ fn site_ffn_output(layer: usize) -> u64 {
 }
 
 impl Activations {
-    pub fn new(config: &BertConfig, num_labels: Option<usize>, batch: usize, seq: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: &BertConfig,
+        num_labels: Option<usize>,
+        batch: usize,
+        seq: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let (n, d, h, i) = (batch * seq, config.hidden_size, config.num_attention_heads, config.intermediate_size);
         let layer = || -> Result<LayerActivations> {
             Ok(LayerActivations {
@@ -241,7 +247,8 @@ impl Activations {
 impl OutputGrads {
     /// Zeroes every buffer (keeping the allocations) for the next step.
     pub fn zero(&mut self) -> Result<()> {
-        let all = self.logits.iter_mut().chain(self.hidden.iter_mut().flatten()).chain(self.scores.iter_mut().flatten());
+        let all =
+            self.logits.iter_mut().chain(self.hidden.iter_mut().flatten()).chain(self.scores.iter_mut().flatten());
         for t in all {
             t.fill(0.0)?;
         }
@@ -275,7 +282,14 @@ fn linear_back(dx: Option<&mut Tensor>, grad: &mut Linear, dout: &Tensor, x: &Te
     Ok(gemm::linear_backward(dx, &mut grad.weight, Some(&mut grad.bias), dout, x, &l.weight)?)
 }
 
-fn layer_norm(out: &mut Tensor, mean: &mut Tensor, rstd: &mut Tensor, x: &Tensor, w: &LayerNormWeights, eps: f32) -> Result<()> {
+fn layer_norm(
+    out: &mut Tensor,
+    mean: &mut Tensor,
+    rstd: &mut Tensor,
+    x: &Tensor,
+    w: &LayerNorm,
+    eps: f32,
+) -> Result<()> {
     Ok(layernorm::layernorm_forward(out, mean, rstd, x, &w.weight, &w.bias, eps)?)
 }
 
@@ -305,7 +319,13 @@ impl Bert {
 
     /// Runs the encoder (and the classifier head when present). `inputs_embeds` `[N, D]`
     /// replaces the word-embedding lookup (MATE-KD's soft tokens, gradient checks).
-    pub fn forward(&self, acts: &mut Activations, batch: &EncoderBatch, inputs_embeds: Option<&Tensor>, mode: ForwardMode) -> Result<()> {
+    pub fn forward(
+        &self,
+        acts: &mut Activations,
+        batch: &EncoderBatch,
+        inputs_embeds: Option<&Tensor>,
+        mode: ForwardMode,
+    ) -> Result<()> {
         if (acts.batch, acts.seq) != (batch.batch, batch.seq) {
             return Err(Error::Shape(format!(
                 "activations are for {}x{}, batch is {}x{}",
@@ -460,14 +480,29 @@ impl Bert {
                 bias::add_inplace(&mut s.dh_prev, extra)?;
             }
             s.d_tmp.fill(0.0)?;
-            dropout::dropout_backward(&mut s.d_tmp, &s.d_res, p_hidden, site_seed(mode.seed, site_attention_output(l)))?;
+            dropout::dropout_backward(
+                &mut s.d_tmp,
+                &s.d_res,
+                p_hidden,
+                site_seed(mode.seed, site_attention_output(l)),
+            )?;
             s.d_context.fill(0.0)?;
             linear_back(Some(&mut s.d_context), &mut g.attention_output, &s.d_tmp, &a.context, &lw.attention_output)?;
             for t in [&mut s.dq, &mut s.dk, &mut s.dv] {
                 t.fill(0.0)?;
             }
             let d_scores = out_grads.scores[l].as_ref();
-            attention::attention_backward(&mut s.dq, &mut s.dk, &mut s.dv, &s.d_context, &a.q, &a.k, &a.v, &a.probs, d_scores)?;
+            attention::attention_backward(
+                &mut s.dq,
+                &mut s.dk,
+                &mut s.dv,
+                &s.d_context,
+                &a.q,
+                &a.k,
+                &a.v,
+                &a.probs,
+                d_scores,
+            )?;
             linear_back(Some(&mut s.dh_prev), &mut g.query, &s.dq, x, &lw.query)?;
             linear_back(Some(&mut s.dh_prev), &mut g.key, &s.dk, x, &lw.key)?;
             linear_back(Some(&mut s.dh_prev), &mut g.value, &s.dv, x, &lw.value)?;

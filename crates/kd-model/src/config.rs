@@ -109,6 +109,11 @@ impl BertConfig {
         Ok(())
     }
 
+    /// HF's `classifier_dropout`, falling back to the hidden dropout when unset or null.
+    pub fn classifier_dropout(&self) -> f64 {
+        self.extra.get("classifier_dropout").and_then(|v| v.as_f64()).unwrap_or(self.hidden_dropout_prob)
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }

@@ -16,6 +16,12 @@ pub enum Error {
     Config(String),
     #[error("{0}")]
     Invalid(String),
+    /// Batch or buffer shapes that do not fit the model.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// A NaN or infinite value where training cannot go on.
+    #[error("non-finite value: {0}")]
+    NonFinite(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

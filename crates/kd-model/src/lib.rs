@@ -3,8 +3,10 @@
 //! This layer reads and writes HF checkpoints: [`BertConfig`] from `config.json`,
 //! [`BertWeights`] from `model.safetensors` (structs that mirror HF's module names), and
 //! [`Tokenizer`] over the checkpoint's `tokenizer.json`.
+pub mod bert;
 pub mod config;
 pub mod error;
+pub mod optim;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

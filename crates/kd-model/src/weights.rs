@@ -268,6 +268,19 @@ impl BertWeights {
     }
 
     /// Whether AdamW decays the parameter `name`: not biases and LayerNorm (as HF's Trainer).
+    /// Every parameter with its HF name, in the walk order (the same for every weight set).
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut v = Vec::new();
+        self.visit_mut(&mut |name, t| v.push((name.to_string(), t)));
+        v
+    }
+
+    /// Sets every tensor to zero (gradient buffers, once per step).
+    pub fn zero(&mut self) -> Result<()> {
+        self.try_visit_mut(&mut |_, t| t.fill(0.0))?;
+        Ok(())
+    }
+
     pub fn decays(name: &str) -> bool {
         !(name.ends_with(".bias") || name.contains("LayerNorm"))
     }
@@ -396,8 +409,18 @@ impl BertWeights {
     /// `gamma`/`beta` LayerNorm names too) onto `device`. Which heads exist is read off the file;
     /// every tensor is checked against `config`.
     pub fn load(path: &Path, config: &BertConfig, device: &Device) -> Result<BertWeights> {
+        Self::from_arrays(kd_kernels::io::read_safetensors(path)?, config, device, path)
+    }
+
+    /// As [`BertWeights::load`], from arrays already read; `source` names them in errors.
+    pub fn from_arrays(
+        arrays: BTreeMap<String, HostArray>,
+        config: &BertConfig,
+        device: &Device,
+        source: &Path,
+    ) -> Result<BertWeights> {
         config.validate()?;
-        let mut file = Checkpoint::open(path)?;
+        let mut file = Checkpoint::new(source, arrays)?;
         let has = |name: &str| file.tensors.contains_key(name);
         let pooler = has(&format!("{POOLER}.weight"));
         let labels = has(&format!("{CLASSIFIER}.weight")).then(|| config.num_labels());
@@ -460,8 +483,7 @@ struct Checkpoint {
 }
 
 impl Checkpoint {
-    fn open(path: &Path) -> Result<Checkpoint> {
-        let arrays = kd_kernels::io::read_safetensors(path)?;
+    fn new(path: &Path, arrays: BTreeMap<String, HostArray>) -> Result<Checkpoint> {
         let bare = !arrays.keys().any(|k| k.starts_with("bert."));
         let mut tensors = BTreeMap::new();
         for (name, array) in arrays {

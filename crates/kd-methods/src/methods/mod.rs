@@ -1,0 +1,3 @@
+//! One file per method, each reading like its paper's pseudo-code.
+pub mod ce;
+pub mod kd;
