@@ -181,3 +181,37 @@ fn tiny_bert_gradients_match_pytorch_for_every_loss() {
         assert!(checked >= 16, "{name}: only {checked} gradients compared");
     }
 }
+
+#[test]
+fn minilm_checkpoints_match_pytorch_forward() {
+    let Some(models) = kd_model::testing::minilm_dir() else { return };
+    for name in [kd_model::testing::TEACHER, kd_model::testing::STUDENT] {
+        let Some(reference) = assets::asset(&format!("golden/{name}.forward.safetensors")) else { return };
+        let g = read_safetensors(&reference).unwrap();
+        let dir = models.join(name);
+        let config = BertConfig::from_file(&dir.join("config.json")).unwrap();
+        let weights = BertWeights::load(&dir.join("model.safetensors"), &config, &Device::Cpu).unwrap();
+        let model = Bert::new(config, weights);
+        let ids = &g["input.ids"];
+        let (b, l) = (ids.shape[0], ids.shape[1]);
+        let as_u32 = |a: &HostArray| a.data.iter().map(|&v| v as u32).collect::<Vec<_>>();
+        let batch = EncoderBatch::new(
+            &as_u32(ids),
+            &as_u32(&g["input.token_type_ids"]),
+            &g["input.attention_mask"].data,
+            b,
+            l,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut acts = model.activations(b, l).unwrap();
+        model.forward(&mut acts, &batch, None, ForwardMode::default()).unwrap();
+        assert_eq!(acts.hidden.len(), model.config.num_hidden_layers + 1);
+        for (i, h) in acts.hidden.iter().enumerate() {
+            let err = max_abs_diff(h, &g[&format!("out.hidden.{i}")]);
+            assert!(err < 1e-4, "{name}: hidden state {i} max abs err {err}");
+        }
+        let err = max_abs_diff(&acts.layers.last().unwrap().probs, &g["out.attn_probs.last"]);
+        assert!(err < 1e-5, "{name}: last attention map max abs err {err}");
+    }
+}
