@@ -94,7 +94,7 @@ pub fn train(
         return Err(Error::Config("the training set is empty".into()));
     }
     let device = student.device();
-    let pad = student.config.pad_token_id as u32;
+    let pad = student.config.pad_token_id;
     let steps_per_epoch = train.items.len().div_ceil(cfg.batch_size) as u64;
     let total_steps = steps_per_epoch * cfg.epochs as u64;
     let opt_cfg = OptimizerConfig {
@@ -141,7 +141,7 @@ pub fn train(
             let examples_per_s = indices.len() as f64 / t0.elapsed().as_secs_f64();
             observer(Event::Step { step, total_steps, loss: &loss, lr, examples_per_s });
 
-            let eval_now = cfg.eval_every.is_some_and(|n| step % n == 0) || step == total_steps;
+            let eval_now = cfg.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == total_steps;
             if let (true, Some(dev)) = (eval_now, dev) {
                 let metrics = evaluate(student, dev, cfg.batch_size, cfg.metric)?;
                 observer(Event::Eval { step, metrics: &metrics });
@@ -158,7 +158,7 @@ pub fn train(
 /// The model's outputs on every example of `set`, in order: `[C]` logits per example.
 pub fn predict(model: &Bert, set: &EncodedSet, batch_size: usize) -> Result<Vec<Vec<f32>>> {
     let device: Device = model.device();
-    let pad = model.config.pad_token_id as u32;
+    let pad = model.config.pad_token_id;
     let mut out = Vec::with_capacity(set.items.len());
     for chunk in set.items.chunks(batch_size) {
         let batch = collate(chunk, pad, &device)?;
