@@ -1,3 +1,5 @@
 //! One file per method, each reading like its paper's pseudo-code.
 pub mod ce;
+pub mod ild;
 pub mod kd;
+pub mod teacher;
