@@ -5,6 +5,7 @@ pub mod error;
 pub mod losses;
 pub mod methods;
 pub mod metrics;
+pub mod noise;
 pub mod trainer;
 
 pub use error::{Error, Result};
