@@ -1,6 +1,7 @@
 //! kd-methods: data, metrics, losses, the trainer and one file per KD method.
 pub mod batching;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod losses;
 pub mod methods;
