@@ -100,8 +100,8 @@ fn bench_attention(c: &mut Criterion) {
                 BenchmarkId::new(format!("{device}"), format!("B{batch}-H{heads}-L{seq}-D{head_dim}")),
                 |b| {
                     b.iter(|| {
-                        attention_forward(&mut out, &mut probs, None, &q, &k, &v, &mask).unwrap();
-                        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, None).unwrap();
+                        attention_forward(&mut out, &mut probs, None, &q, &k, &v, &mask, None).unwrap();
+                        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, None, None).unwrap();
                     })
                 },
             );

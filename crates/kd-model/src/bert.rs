@@ -7,7 +7,8 @@
 //! Dropout masks are not stored: each dropout site draws from `rng::uniform(seed, element)`
 //! with its own seed, so backward recomputes the same mask.
 
-use kd_kernels::ops::{attention, bias, dropout, embedding, gelu, gemm, layernorm};
+use kd_kernels::ops::attention::{self, AttentionDropout};
+use kd_kernels::ops::{bias, dropout, embedding, gelu, gemm, layernorm};
 use kd_kernels::rng::mix64;
 use kd_kernels::{Device, IdTensor, Tensor};
 
@@ -178,11 +179,22 @@ fn site_seed(step_seed: u64, site: u64) -> u64 {
 }
 const SITE_EMBEDDINGS: u64 = 0;
 const SITE_POOLER: u64 = 1;
+fn site_attention_probs(layer: usize) -> u64 {
+    16 + 3 * layer as u64
+}
 fn site_attention_output(layer: usize) -> u64 {
-    16 + 2 * layer as u64
+    17 + 3 * layer as u64
 }
 fn site_ffn_output(layer: usize) -> u64 {
-    17 + 2 * layer as u64
+    18 + 3 * layer as u64
+}
+
+/// Layer `layer`'s dropout on the attention probabilities, on only in training.
+fn attention_dropout(cfg: &BertConfig, mode: ForwardMode, layer: usize) -> Option<AttentionDropout> {
+    mode.train.then(|| AttentionDropout {
+        p: cfg.attention_probs_dropout_prob as f32,
+        seed: site_seed(mode.seed, site_attention_probs(layer)),
+    })
 }
 
 impl Activations {
@@ -366,7 +378,16 @@ impl Bert {
                 a.scores = Some(zeros(a.probs.shape(), &x.device())?);
             }
             let scores = a.scores.as_mut().filter(|_| mode.keep_scores);
-            attention::attention_forward(&mut a.context, &mut a.probs, scores, &a.q, &a.k, &a.v, &batch.mask)?;
+            attention::attention_forward(
+                &mut a.context,
+                &mut a.probs,
+                scores,
+                &a.q,
+                &a.k,
+                &a.v,
+                &batch.mask,
+                attention_dropout(cfg, mode, l),
+            )?;
             // attention output: dense, dropout, residual, LayerNorm (attention_output is scratch until the LN)
             linear(&mut a.attention_output, &a.context, &lw.attention_output)?;
             let seed = site_seed(mode.seed, site_attention_output(l));
@@ -502,6 +523,7 @@ impl Bert {
                 &a.v,
                 &a.probs,
                 d_scores,
+                attention_dropout(cfg, mode, l),
             )?;
             linear_back(Some(&mut s.dh_prev), &mut g.query, &s.dq, x, &lw.query)?;
             linear_back(Some(&mut s.dh_prev), &mut g.key, &s.dk, x, &lw.key)?;

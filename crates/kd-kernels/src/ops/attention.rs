@@ -1,6 +1,7 @@
 //! Fused scaled, masked multi-head attention, forward and backward, exactly as HF BERT's eager
 //! attention computes it: `scores = q . k / sqrt(Dh) + (1 - mask) * f32::MIN`, softmax over the
-//! keys, then the probability-weighted sum of the values.
+//! keys, then the probability-weighted sum of the values. In training HF also drops attention
+//! probabilities (`attention_probs_dropout_prob`); [`AttentionDropout`] does that inside the op.
 //!
 //! q, k, v and the output stay `[B, L, H * Dh]` (heads interleaved along the last axis, as the
 //! QKV projections produce them) so no permute copies are made; the probabilities `[B, H, L, L]`
@@ -11,7 +12,9 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
+use super::dropout::check_p;
 use super::opt_rows_mut;
+use crate::rng::uniform;
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
 /// The sizes of one attention call.
@@ -102,6 +105,37 @@ impl HeadMut<'_> {
     }
 }
 
+/// Inverted dropout on the attention probabilities: `context = dropped(probs) . v`. Element
+/// `(b, h, i, j)` of the `[B, H, L, L]` map, at flat index `((b * H + h) * L + i) * L + j`, is
+/// dropped iff `rng::uniform(seed, index) < p`, and kept ones are scaled by `1 / (1 - p)`, as
+/// in `ops::dropout`. The mask is never stored: the backward redraws it from the same seed, and
+/// `probs` stays the undropped softmax (the attention-map losses and the softmax backward need
+/// it). `p` must lie in `[0, 1)`; `p = 0` is the same as no dropout.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionDropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+/// Validates `dropout` and drops it when it would keep everything, so that `p = 0` takes
+/// exactly the no-dropout path.
+fn active_dropout(op: &'static str, dropout: Option<AttentionDropout>) -> Result<Option<AttentionDropout>> {
+    if let Some(d) = dropout {
+        check_p(op, d.p)?;
+    }
+    Ok(dropout.filter(|d| d.p > 0.0))
+}
+
+/// The factor map element `index` is multiplied by: 0 when dropped, `1 / (1 - p)` when kept,
+/// exactly 1 without dropout.
+fn keep_factor(dropout: Option<AttentionDropout>, index: usize) -> f32 {
+    match dropout {
+        Some(d) if uniform(d.seed, index as u64) < d.p => 0.0,
+        Some(d) => 1.0 / (1.0 - d.p),
+        None => 1.0,
+    }
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -112,7 +146,9 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 /// Forward: `out` `[B, L, H * Dh]` and `probs` `[B, H, L, L]` are overwritten; `scores`, when
 /// given, receives the masked scaled pre-softmax scores (the logits of attention-map KL).
-/// H is read from `probs`; `mask` is `[B, L]`.
+/// H is read from `probs`; `mask` is `[B, L]`. With `dropout`, `out` is computed from the dropped
+/// probabilities while `probs` keeps the undropped ones.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     out: &mut Tensor,
     probs: &mut Tensor,
@@ -121,8 +157,10 @@ pub fn attention_forward(
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
+    dropout: Option<AttentionDropout>,
 ) -> Result<()> {
     const OP: &str = "attention_forward";
+    let dropout = active_dropout(OP, dropout)?;
     let dims = Dims::of(OP, q, probs)?;
     for (what, t) in [("k", k), ("v", v), ("out", &*out)] {
         expect_shape(OP, what, t, q.shape())?;
@@ -145,6 +183,7 @@ pub fn attention_forward(
                 k.cpu()?,
                 v.cpu()?,
                 mask.cpu()?,
+                dropout,
             );
             Ok(())
         }
@@ -162,6 +201,7 @@ fn attention_forward_cpu(
     k: &[f32],
     v: &[f32],
     mask: &[f32],
+    dropout: Option<AttentionDropout>,
 ) {
     if dims.is_empty() {
         return;
@@ -186,8 +226,9 @@ fn attention_forward_cpu(
                 softmax_in_place(p);
                 let o = out.row(i);
                 o.fill(0.0);
+                let row = (bh * l + i) * l;
                 for (j, &pj) in p.iter().enumerate() {
-                    axpy(pj, dims.head(v, b, h, j), o);
+                    axpy(pj * keep_factor(dropout, row + j), dims.head(v, b, h, j), o);
                 }
             }
         },
@@ -211,6 +252,10 @@ fn softmax_in_place(x: &mut [f32]) {
 ///
 /// Like autograd on HF's graph, the gradient flows through the softmax as the saved `probs`
 /// give it, also for a query whose keys are all padded (its uniform row).
+///
+/// `dropout` must be the forward's: the mask is redrawn from its seed, so that
+/// `dv += dropped(probs)^T . dout` and `d(probs) = mask * (dout . v^T) / (1 - p)` before the
+/// softmax backward at the undropped `probs`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut Tensor,
@@ -222,8 +267,10 @@ pub fn attention_backward(
     v: &Tensor,
     probs: &Tensor,
     dscores_extra: Option<&Tensor>,
+    dropout: Option<AttentionDropout>,
 ) -> Result<()> {
     const OP: &str = "attention_backward";
+    let dropout = active_dropout(OP, dropout)?;
     let dims = Dims::of(OP, q, probs)?;
     for (what, t) in [("k", k), ("v", v), ("dout", dout), ("dq", &*dq), ("dk", &*dk), ("dv", &*dv)] {
         expect_shape(OP, what, t, q.shape())?;
@@ -237,7 +284,8 @@ pub fn attention_backward(
         Device::Cpu => {
             let extra = dscores_extra.map(Tensor::cpu).transpose()?;
             let grads = (dq.cpu_mut()?, dk.cpu_mut()?, dv.cpu_mut()?);
-            attention_backward_cpu(dims, grads, dout.cpu()?, q.cpu()?, k.cpu()?, v.cpu()?, probs.cpu()?, extra);
+            let (dout, q, k, v) = (dout.cpu()?, q.cpu()?, k.cpu()?, v.cpu()?);
+            attention_backward_cpu(dims, grads, dout, q, k, v, probs.cpu()?, extra, dropout);
             Ok(())
         }
         Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
@@ -254,6 +302,7 @@ fn attention_backward_cpu(
     v: &[f32],
     probs: &[f32],
     extra: Option<&[f32]>,
+    dropout: Option<AttentionDropout>,
 ) {
     if dims.is_empty() {
         return;
@@ -271,9 +320,11 @@ fn attention_backward_cpu(
             let (mut dq, mut dk, mut dv) = unsafe { (dq.claim(b, h), dk.claim(b, h), dv.claim(b, h)) };
             for (i, p) in probs.chunks_exact(l).enumerate() {
                 let doi = dims.head(dout, b, h, i);
+                let row = (bh * l + i) * l;
                 for (j, (&pj, ds)) in p.iter().zip(ds.iter_mut()).enumerate() {
-                    axpy(pj, doi, dv.row(j));
-                    *ds = dot(doi, dims.head(v, b, h, j));
+                    let keep = keep_factor(dropout, row + j);
+                    axpy(pj * keep, doi, dv.row(j));
+                    *ds = dot(doi, dims.head(v, b, h, j)) * keep;
                 }
                 let rowdot = dot(p, ds);
                 ds.iter_mut().zip(p).for_each(|(ds, &pj)| *ds = pj * (*ds - rowdot));

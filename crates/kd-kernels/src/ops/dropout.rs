@@ -40,7 +40,7 @@ pub fn dropout_backward(dx: &mut Tensor, dout: &Tensor, p: f32, seed: u64) -> Re
     }
 }
 
-fn check_p(op: &'static str, p: f32) -> Result<()> {
+pub(crate) fn check_p(op: &'static str, p: f32) -> Result<()> {
     if !(0.0..1.0).contains(&p) {
         return Err(Error::invalid(op, format!("p = {p}, expected 0 <= p < 1")));
     }
