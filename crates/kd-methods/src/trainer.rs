@@ -10,6 +10,7 @@ use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads};
 use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
 
 use crate::batching::{collate, gather_targets, BatchTargets, EncodedSet, Targets};
+use crate::checkpoint::{self, CheckpointConfig};
 use crate::data::Label;
 use crate::metrics::{task_metrics, MetricKind, Metrics};
 use crate::{Error, Result};
@@ -64,12 +65,33 @@ pub struct TrainConfig {
     /// Evaluate on dev every this many steps (and always at the end).
     pub eval_every: Option<u64>,
     pub metric: MetricKind,
+    /// Periodic resumable state (None: nothing is written).
+    pub checkpoint: Option<CheckpointConfig>,
 }
 
 /// What the loop reports as it goes (the CLI draws progress bars and writes JSON lines).
 pub enum Event<'a> {
-    Step { step: u64, total_steps: u64, loss: &'a LossLog, lr: f32, examples_per_s: f64 },
-    Eval { step: u64, metrics: &'a Metrics },
+    Step {
+        step: u64,
+        total_steps: u64,
+        loss: &'a LossLog,
+        lr: f32,
+        examples_per_s: f64,
+    },
+    Eval {
+        step: u64,
+        metrics: &'a Metrics,
+    },
+    /// A dev evaluation beat every earlier one: the observer may save `model`.
+    Best {
+        step: u64,
+        metrics: &'a Metrics,
+        model: &'a Bert,
+    },
+    /// Training resumed from a saved state after `step` updates.
+    Resumed {
+        step: u64,
+    },
 }
 
 /// The outcome of a run.
@@ -112,11 +134,22 @@ pub fn train(
     let mut best: Option<Metrics> = None;
     let mut last: Option<Metrics> = None;
     let mut step = 0u64;
+    if let Some(ck) = cfg.checkpoint.as_ref().filter(|c| c.resume) {
+        if let Some(resumed) = checkpoint::load(&ck.dir, &mut student.weights, &mut optimizer)? {
+            step = resumed.step;
+            best = resumed.best;
+            observer(Event::Resumed { step });
+        }
+    }
+    let resume_at = step;
 
     for epoch in 0..cfg.epochs {
         let mut order: Vec<usize> = (0..train.items.len()).collect();
         Rng::new(mix64(cfg.seed ^ (epoch as u64 + 1))).shuffle(&mut order);
-        for indices in order.chunks(cfg.batch_size) {
+        for (batch_in_epoch, indices) in order.chunks(cfg.batch_size).enumerate() {
+            if epoch as u64 * steps_per_epoch + (batch_in_epoch as u64) < resume_at {
+                continue; // done before the interruption
+            }
             let t0 = Instant::now();
             let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
             let targets = gather_targets(&train.targets, indices, &device)?;
@@ -147,8 +180,14 @@ pub fn train(
                 observer(Event::Eval { step, metrics: &metrics });
                 if best.as_ref().is_none_or(|b| metrics.main() > b.main()) {
                     best = Some(metrics.clone());
+                    observer(Event::Best { step, metrics: &metrics, model: student });
                 }
                 last = Some(metrics);
+            }
+            if let Some(ck) = &cfg.checkpoint {
+                if step.is_multiple_of(ck.every) || step == total_steps {
+                    checkpoint::save(&ck.dir, &student.weights, &optimizer, step, best.as_ref())?;
+                }
             }
         }
     }
