@@ -56,6 +56,36 @@ pub fn logit_kd(
     Ok(sum(&rows)? * spec.grad_scale)
 }
 
+/// Errors unless `alpha` (the soft term's share) is in [0, 1] and `temperature` is positive.
+pub fn check_kd_weights(alpha: f32, temperature: f32) -> Result<()> {
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err(Error::Config(format!("alpha {alpha} is not in [0, 1]")));
+    }
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::Config(format!("temperature {temperature} is not a positive number")));
+    }
+    Ok(())
+}
+
+/// Per example, `(1 - alpha) * CE(z_i, y_i) + alpha * T^2 * KL(softmax(t_i / T) || softmax(z_i / T))`:
+/// the logit-KD loss of each example on its own, with no gradient (for ranking examples).
+pub fn kd_loss_rows(
+    student: &Activations,
+    labels: &IdTensor,
+    teacher_logits: &Tensor,
+    alpha: f32,
+    temperature: f32,
+) -> Result<Vec<f32>> {
+    let logits = logits_of(student, "student")?;
+    let b = logits.shape()[0];
+    let mut ce_rows = Tensor::zeros(&[b], &logits.device())?;
+    ce_ops::cross_entropy(&mut ce_rows, None, logits, Targets::Hard(labels), None, 1.0)?;
+    let mut kl_rows = Tensor::zeros(&[b], &logits.device())?;
+    let spec = SoftmaxKl { temperature, form: KlForm::Kl, grad_scale: 1.0 };
+    softmax_kl(&mut kl_rows, None, None, logits, teacher_logits, None, spec)?;
+    Ok(ce_rows.to_vec()?.iter().zip(kl_rows.to_vec()?).map(|(&ce, kl)| (1.0 - alpha) * ce + alpha * kl).collect())
+}
+
 /// `weight * sum over (student state, teacher state) pairs` of the masked hidden-state MSE.
 /// Indices count hidden states: 0 is the embedding output, `l + 1` the output of layer `l`.
 pub fn hidden_mse(

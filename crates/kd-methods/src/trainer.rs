@@ -69,6 +69,30 @@ pub struct TrainConfig {
     pub checkpoint: Option<CheckpointConfig>,
 }
 
+impl TrainConfig {
+    /// Optimiser steps of a run over `examples` training examples.
+    pub fn total_steps(&self, examples: usize) -> u64 {
+        examples.div_ceil(self.batch_size) as u64 * self.epochs as u64
+    }
+
+    /// The AdamW set-up of a run of `total_steps`; a model trained alongside the student (a
+    /// co-teaching peer) uses the same one.
+    pub fn optimizer(&self, total_steps: u64) -> OptimizerConfig {
+        OptimizerConfig {
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: self.max_grad_norm,
+            schedule: LinearSchedule {
+                warmup: (self.warmup_ratio * total_steps as f32).ceil() as u64,
+                total: total_steps,
+            },
+        }
+    }
+}
+
 /// What the loop reports as it goes (the CLI draws progress bars and writes JSON lines).
 pub enum Event<'a> {
     Step {
@@ -118,17 +142,8 @@ pub fn train(
     let device = student.device();
     let pad = student.config.pad_token_id;
     let steps_per_epoch = train.items.len().div_ceil(cfg.batch_size) as u64;
-    let total_steps = steps_per_epoch * cfg.epochs as u64;
-    let opt_cfg = OptimizerConfig {
-        lr: cfg.lr,
-        weight_decay: cfg.weight_decay,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        max_grad_norm: cfg.max_grad_norm,
-        schedule: LinearSchedule { warmup: (cfg.warmup_ratio * total_steps as f32).ceil() as u64, total: total_steps },
-    };
-    let mut optimizer = Optimizer::new(opt_cfg, &student.weights)?;
+    let total_steps = cfg.total_steps(train.items.len());
+    let mut optimizer = Optimizer::new(cfg.optimizer(total_steps), &student.weights)?;
     let mut grads = student.weights.zeros_like()?;
     let started = Instant::now();
     let mut best: Option<Metrics> = None;

@@ -2,4 +2,6 @@
 pub mod ce;
 pub mod ild;
 pub mod kd;
+pub mod noisy_coteach;
+pub mod noisy_relabel;
 pub mod teacher;
