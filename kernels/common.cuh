@@ -12,25 +12,29 @@
 #define KD_NEG_INF __int_as_float(0xff800000)
 #define KD_NAN __int_as_float(0x7fc00000)
 
-// Shuffles a struct of 32-bit fields, field by field.
+// Shuffles a struct of 32-bit fields, field by field. The fields go through memcpy (which the
+// compiler turns into register moves): reading a float through an unsigned pointer would break
+// strict aliasing, and an optimiser may then reorder the reads around the writes.
 template <class S>
 __device__ __forceinline__ S kd_shfl_xor(const S& s, int offset, unsigned mask) {
     static_assert(sizeof(S) % 4 == 0, "states must be made of 32-bit fields");
-    S r;
-    const unsigned* src = reinterpret_cast<const unsigned*>(&s);
-    unsigned* dst = reinterpret_cast<unsigned*>(&r);
+    unsigned words[sizeof(S) / 4];
+    memcpy(words, &s, sizeof(S));
 #pragma unroll
-    for (int k = 0; k < (int)(sizeof(S) / 4); ++k) dst[k] = __shfl_xor_sync(mask, src[k], offset);
+    for (int k = 0; k < (int)(sizeof(S) / 4); ++k) words[k] = __shfl_xor_sync(mask, words[k], offset);
+    S r;
+    memcpy(&r, words, sizeof(S));
     return r;
 }
 
 template <class S>
 __device__ __forceinline__ S kd_shfl_first(const S& s, unsigned mask, int width) {
-    S r;
-    const unsigned* src = reinterpret_cast<const unsigned*>(&s);
-    unsigned* dst = reinterpret_cast<unsigned*>(&r);
+    unsigned words[sizeof(S) / 4];
+    memcpy(words, &s, sizeof(S));
 #pragma unroll
-    for (int k = 0; k < (int)(sizeof(S) / 4); ++k) dst[k] = __shfl_sync(mask, src[k], 0, width);
+    for (int k = 0; k < (int)(sizeof(S) / 4); ++k) words[k] = __shfl_sync(mask, words[k], 0, width);
+    S r;
+    memcpy(&r, words, sizeof(S));
     return r;
 }
 
