@@ -299,6 +299,7 @@ fn install_wheels(dir: &Path) -> Result<()> {
         .arg(&target)
         .arg("-r")
         .arg(&requirements)
+        .env("PIP_ROOT_USER_ACTION", "ignore")
         .status()
         .with_context(|| format!("running {} -m pip (set KD_PYTHON to a Python with pip)", python.to_string_lossy()))?;
     if !status.success() {
@@ -316,6 +317,7 @@ fn install_wheels(dir: &Path) -> Result<()> {
 struct KernelUsage {
     name: String,
     registers: u32,
+    barriers: u32,
     smem: u32,
     stack: u32,
     spill_stores: u32,
@@ -323,7 +325,7 @@ struct KernelUsage {
 }
 
 /// Reads ptxas' `-v` lines: "Function properties for K", then "N bytes stack frame, N bytes
-/// spill stores, N bytes spill loads" and "Used N registers, ..., N bytes smem, ...".
+/// spill stores, N bytes spill loads" and "Used N registers, used N barriers, N bytes smem, ...".
 fn parse_ptxas(log: &str) -> Vec<KernelUsage> {
     let mut kernels: BTreeMap<String, KernelUsage> = BTreeMap::new();
     let mut current: Option<String> = None;
@@ -340,6 +342,7 @@ fn parse_ptxas(log: &str) -> Vec<KernelUsage> {
             let num = |i: usize| words.get(i).and_then(|w| w.parse::<u32>().ok());
             match words[..] {
                 ["Used", n, "registers"] => k.registers = n.parse().unwrap_or(0),
+                ["used", n, "barriers"] => k.barriers = n.parse().unwrap_or(0),
                 [_, "bytes", "stack", "frame"] => k.stack = num(0).unwrap_or(0),
                 [_, "bytes", "spill", "stores"] => k.spill_stores = num(0).unwrap_or(0),
                 [_, "bytes", "spill", "loads"] => k.spill_loads = num(0).unwrap_or(0),
@@ -362,17 +365,42 @@ fn report_markdown(ptxas_version: &str, files: &[(String, Vec<KernelUsage>)]) ->
     );
     let _ = writeln!(
         md,
-        "| file | kernel | registers | static smem (B) | stack (B) | spill stores (B) | spill loads (B) |"
+        "| file | kernel | registers | barriers | static smem (B) | stack (B) | spill stores (B) | spill loads (B) |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
     for (file, kernels) in files {
         for k in kernels {
             let _ = writeln!(
                 md,
-                "| {file}.cu | `{}` | {} | {} | {} | {} | {} |",
-                k.name, k.registers, k.smem, k.stack, k.spill_stores, k.spill_loads
+                "| {file}.cu | `{}` | {} | {} | {} | {} | {} | {} |",
+                k.name, k.registers, k.barriers, k.smem, k.stack, k.spill_stores, k.spill_loads
             );
         }
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ptxas;
+
+    #[test]
+    fn reads_ptxas_resource_lines() {
+        let log = "ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'b' for 'sm_90'
+ptxas info    : Function properties for b
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 112 registers, used 1 barriers, 256 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compile time = 9.934 ms
+ptxas info    : Function properties for a
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 0 barriers
+";
+        let k = parse_ptxas(log);
+        assert_eq!(k.len(), 2);
+        assert_eq!((k[0].name.as_str(), k[0].registers, k[0].barriers, k[0].smem), ("a", 32, 0, 0));
+        let b = &k[1];
+        assert_eq!((b.name.as_str(), b.registers, b.barriers, b.smem), ("b", 112, 1, 256));
+        assert_eq!((b.stack, b.spill_stores, b.spill_loads), (8, 4, 12));
+    }
 }
