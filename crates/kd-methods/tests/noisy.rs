@@ -187,6 +187,7 @@ fn cfg(epochs: usize, batch_size: usize, lr: f32, seed: u64) -> TrainConfig {
         seed,
         eval_every: None,
         metric: MetricKind::Accuracy,
+        checkpoint: None,
     }
 }
 
