@@ -8,6 +8,7 @@ use kd_kernels::rng::{mix64, Rng};
 use kd_kernels::Device;
 use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads};
 use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
+use kd_model::BertWeights;
 
 use crate::batching::{collate, gather_targets, BatchTargets, EncodedSet, Targets};
 use crate::checkpoint::{self, CheckpointConfig};
@@ -48,8 +49,33 @@ pub trait Objective {
         false
     }
 
+    /// Runs the student on the step's batch. A method that feeds the student something other
+    /// than the batch (CR-ILD's mixed embeddings) overrides this with
+    /// [`Objective::student_backward`].
+    fn student_forward(
+        &mut self,
+        student: &Bert,
+        acts: &mut Activations,
+        input: &StepInput,
+        mode: ForwardMode,
+    ) -> Result<()> {
+        Ok(student.forward(acts, input.batch, None, mode)?)
+    }
+
     /// Computes the loss of `student` on `input` and accumulates its gradient into `grads`.
     fn loss(&mut self, input: &StepInput, student: &Activations, grads: &mut OutputGrads) -> Result<LossLog>;
+
+    /// Backpropagates `out_grads` through the pass [`Objective::student_forward`] ran.
+    fn student_backward(
+        &mut self,
+        student: &Bert,
+        grads: &mut BertWeights,
+        acts: &mut Activations,
+        out_grads: &OutputGrads,
+        input: &StepInput,
+    ) -> Result<()> {
+        Ok(student.backward(grads, acts, out_grads, input.batch, None)?)
+    }
 }
 
 /// Hyper-parameters of one training run (HF `TrainingArguments` names where they exist).
@@ -174,15 +200,15 @@ pub fn train(
                 seed: mix64(cfg.seed.wrapping_add(step)),
                 keep_scores: objective.keep_scores(),
             };
-            student.forward(&mut acts, &batch, None, mode)?;
-            let mut out_grads = acts.output_grads()?;
             let input = StepInput { batch: &batch, indices, targets: &targets, epoch, step, steps_per_epoch };
+            objective.student_forward(student, &mut acts, &input, mode)?;
+            let mut out_grads = acts.output_grads()?;
             let loss = objective.loss(&input, &acts, &mut out_grads)?;
             if !loss.total.is_finite() {
                 return Err(Error::NonFinite(format!("loss is {} at step {}", loss.total, step + 1)));
             }
             grads.zero()?;
-            student.backward(&mut grads, &mut acts, &out_grads, &batch, None)?;
+            objective.student_backward(student, &mut grads, &mut acts, &out_grads, &input)?;
             let lr = optimizer.lr();
             optimizer.update(&mut student.weights, &mut grads)?;
             step += 1;

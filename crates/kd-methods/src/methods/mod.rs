@@ -1,5 +1,6 @@
 //! One file per method, each reading like its paper's pseudo-code.
 pub mod ce;
+pub mod cr_ild;
 pub mod ild;
 pub mod kd;
 pub mod noisy_coteach;
