@@ -326,7 +326,7 @@ fn relation(x: &Tensor, heads: usize, mask: &Tensor) -> Result<(Tensor, Tensor)>
     let mut context = Tensor::zeros(x.shape(), &device)?;
     let mut probs = Tensor::zeros(&[b, heads, l, l], &device)?;
     let mut scores = Tensor::zeros(&[b, heads, l, l], &device)?;
-    attention::attention_forward(&mut context, &mut probs, Some(&mut scores), x, x, x, mask)?;
+    attention::attention_forward(&mut context, &mut probs, Some(&mut scores), x, x, x, mask, None)?;
     Ok((scores, probs))
 }
 
@@ -336,7 +336,7 @@ fn relation_backward(dx: &mut Tensor, dscores: &Tensor, x: &Tensor, probs: &Tens
     let mut dk = Tensor::zeros(x.shape(), &device)?;
     let mut dv = Tensor::zeros(x.shape(), &device)?;
     let dout = Tensor::zeros(x.shape(), &device)?;
-    attention::attention_backward(dx, &mut dk, &mut dv, &dout, x, x, x, probs, Some(dscores))?;
+    attention::attention_backward(dx, &mut dk, &mut dv, &dout, x, x, x, probs, Some(dscores), None)?;
     bias::add_inplace(dx, &dk)?;
     Ok(())
 }

@@ -358,6 +358,7 @@ fn stage1_trains_through_the_trainer_on_task_and_supplementary_text() {
             seed: 1,
             eval_every: None,
             metric: MetricKind::Accuracy,
+            checkpoint: None,
         };
         let mut obj = stage1(&teacher, &student, CrIldConfig { objective, ..CrIldConfig::new(cfg.epochs, 1) }).unwrap();
         let mut logs = Vec::new();
