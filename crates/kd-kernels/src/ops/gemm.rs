@@ -255,8 +255,9 @@ pub(crate) fn gemm_cpu(out: &mut [f32], a: Mat, b: Mat, alpha: f32, beta: f32, p
 fn matmul_cpu(out: &mut [f32], batch: usize, a: Mat, a_step: usize, b: Mat, b_step: usize, alpha: f32, beta: f32) {
     let (m, n) = (a.rows, b.cols);
     let threads = rayon::current_num_threads();
-    if b_step == 0 && a_step != 0 && a.col_stride == 1 {
-        // A batch of row-major `a` against one shared `b` is a single taller product.
+    if b_step == 0 && a_step != 0 && a.col_stride == 1 && a.row_stride == a.cols as isize {
+        // A batch of packed row-major `a` against one shared `b` is a single taller product. (A
+        // transposed `a` with one row also has unit column stride, but its rows are not packed.)
         let tall = Mat { rows: m * batch, ..a };
         gemm_cpu(out, tall, b, alpha, beta, all_threads());
     } else if batch >= threads && m * n > 0 {
