@@ -3,11 +3,13 @@ pub mod batching;
 pub mod checkpoint;
 pub mod data;
 pub mod demo;
+pub mod encode;
 pub mod error;
 pub mod losses;
 pub mod methods;
 pub mod metrics;
 pub mod noise;
+pub mod task;
 pub mod trainer;
 
 pub use error::{Error, Result};

@@ -10,7 +10,7 @@ use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads};
 use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
 use kd_model::BertWeights;
 
-use crate::batching::{collate, gather_targets, BatchTargets, EncodedSet, Targets};
+use crate::batching::{collate, gather_targets, BatchTargets, Encoded, EncodedSet, Targets};
 use crate::checkpoint::{self, CheckpointConfig};
 use crate::data::Label;
 use crate::metrics::{task_metrics, MetricKind, Metrics};
@@ -235,12 +235,12 @@ pub fn train(
     Ok(TrainReport { steps: step, seconds: started.elapsed().as_secs_f64(), final_metrics: last, best_metrics: best })
 }
 
-/// The model's outputs on every example of `set`, in order: `[C]` logits per example.
-pub fn predict(model: &Bert, set: &EncodedSet, batch_size: usize) -> Result<Vec<Vec<f32>>> {
+/// The model's outputs on every example of `items`, in order: `[C]` logits per example.
+pub fn predict(model: &Bert, items: &[Encoded], batch_size: usize) -> Result<Vec<Vec<f32>>> {
     let device: Device = model.device();
     let pad = model.config.pad_token_id;
-    let mut out = Vec::with_capacity(set.items.len());
-    for chunk in set.items.chunks(batch_size) {
+    let mut out = Vec::with_capacity(items.len());
+    for chunk in items.chunks(batch_size) {
         let batch = collate(chunk, pad, &device)?;
         let mut acts = model.activations(batch.batch, batch.seq)?;
         model.forward(&mut acts, &batch, None, ForwardMode::default())?;
@@ -253,7 +253,7 @@ pub fn predict(model: &Bert, set: &EncodedSet, batch_size: usize) -> Result<Vec<
 
 /// The task's metrics of `model` on `set`.
 pub fn evaluate(model: &Bert, set: &EncodedSet, batch_size: usize, metric: MetricKind) -> Result<Metrics> {
-    let outputs = predict(model, set, batch_size)?;
+    let outputs = predict(model, &set.items, batch_size)?;
     let (preds, gold): (Vec<Label>, Vec<Label>) = match &set.targets {
         Targets::Classes(labels) => (
             outputs.iter().map(|r| Label::Class(argmax(r))).collect(),

@@ -92,7 +92,7 @@ fn fingerprint(teacher: &Bert, set: &EncodedSet) -> Result<u64> {
 
 impl CachedLogits {
     pub fn build(teacher: &Bert, set: &EncodedSet, batch_size: usize) -> Result<Self> {
-        Ok(CachedLogits { rows: predict(teacher, set, batch_size)? })
+        Ok(CachedLogits { rows: predict(teacher, &set.items, batch_size)? })
     }
 
     /// As [`CachedLogits::build`], reusing `dir/teacher-logits-<fingerprint>.safetensors`

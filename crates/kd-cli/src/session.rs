@@ -1,0 +1,238 @@
+//! What every training command shares: the optimisation flags, the progress bar, OUT/metrics.jsonl,
+//! the best-on-dev and final model folders, and the resumable state in OUT/checkpoint.
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kd_methods::batching::EncodedSet;
+use kd_methods::checkpoint::CheckpointConfig;
+use kd_methods::metrics::{MetricKind, Metrics};
+use kd_methods::trainer::{train, Event, Objective, TrainConfig, TrainReport};
+use kd_model::bert::Bert;
+use serde_json::{json, Map, Value};
+
+use crate::report::{describe, metric_fields};
+
+/// Optimisation flags, shared by `finetune` and `distill` (HF `TrainingArguments` defaults).
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Examples per optimiser step.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub batch: usize,
+    /// Peak learning rate of AdamW.
+    #[arg(long, default_value_t = 5e-5)]
+    pub lr: f32,
+    /// Fraction of the steps spent warming the learning rate up from 0 (then it decays linearly).
+    #[arg(long, value_name = "RATIO", default_value_t = 0.1)]
+    pub warmup: f32,
+    /// Decoupled weight decay (not on biases and LayerNorm).
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this; 0 turns clipping off.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    /// Seed of the example order, dropout, a new head and the --max-train cut.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Evaluate on dev every N steps (always at the end).
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
+    /// Write the resumable state to OUT/checkpoint every N steps (and at the end).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub checkpoint_every: u64,
+    /// Continue an interrupted run from OUT/checkpoint (same flags, same result).
+    #[arg(long)]
+    pub resume: bool,
+    /// Train on N examples drawn (with --seed) from the training set.
+    #[arg(long, value_name = "N")]
+    pub max_train: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl TrainArgs {
+    pub fn check(&self) -> Result<()> {
+        ensure!(self.epochs > 0, "--epochs must be at least 1");
+        ensure!(self.batch > 0, "--batch must be at least 1");
+        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number");
+        ensure!((0.0..=1.0).contains(&self.warmup), "--warmup is a ratio of the steps, in [0, 1]");
+        ensure!(self.weight_decay >= 0.0 && self.weight_decay.is_finite(), "--weight-decay must be >= 0");
+        ensure!(self.max_grad_norm >= 0.0, "--max-grad-norm must be >= 0 (0: no clipping)");
+        ensure!(self.eval_every != Some(0), "--eval-every must be at least 1");
+        ensure!(self.checkpoint_every > 0, "--checkpoint-every must be at least 1");
+        Ok(())
+    }
+
+    /// The trainer's configuration for a stage of `epochs` epochs whose state lives in `state_dir`.
+    pub fn config(&self, epochs: usize, metric: MetricKind, state_dir: &Path) -> TrainConfig {
+        TrainConfig {
+            epochs,
+            batch_size: self.batch,
+            lr: self.lr,
+            warmup_ratio: self.warmup,
+            weight_decay: self.weight_decay,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            seed: self.seed,
+            eval_every: self.eval_every,
+            metric,
+            checkpoint: Some(CheckpointConfig {
+                dir: state_dir.to_path_buf(),
+                every: self.checkpoint_every,
+                resume: self.resume,
+            }),
+        }
+    }
+}
+
+/// Where a run writes: the final model in OUT, the best on dev in OUT/best, the log in
+/// OUT/metrics.jsonl, the resumable state in OUT/checkpoint[/stage].
+pub struct Session {
+    pub out: PathBuf,
+    pub tokenizer_json: PathBuf,
+    log: MetricsLog,
+}
+
+impl Session {
+    pub fn create(out: &Path, tokenizer_json: &Path, resume: bool) -> Result<Session> {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let log = MetricsLog::open(&out.join("metrics.jsonl"), resume)?;
+        Ok(Session { out: out.to_path_buf(), tokenizer_json: tokenizer_json.to_path_buf(), log })
+    }
+
+    pub fn state_dir(&self, stage: &str) -> PathBuf {
+        self.out.join("checkpoint").join(stage)
+    }
+
+    /// Trains `bert` with `objective`, drawing progress, logging every evaluation (tagged with
+    /// `stage`) and saving each new best-on-dev model to OUT/best.
+    pub fn train(
+        &mut self,
+        stage: &str,
+        bert: &mut Bert,
+        train_set: &EncodedSet,
+        dev: Option<&EncodedSet>,
+        objective: &mut dyn Objective,
+        cfg: &TrainConfig,
+    ) -> Result<TrainReport> {
+        let steps_per_epoch = train_set.items.len().div_ceil(cfg.batch_size) as u64;
+        let bar = progress_bar(steps_per_epoch * cfg.epochs as u64, stage)?;
+        let best_dir = self.out.join("best");
+        let tokenizer = self.tokenizer_json.clone();
+        let mut save_error: Option<anyhow::Error> = None;
+        let log = &mut self.log;
+        let mut observer = |event: Event| match event {
+            Event::Step { step, loss, lr, examples_per_s, .. } => {
+                log.add_loss(loss.total);
+                log.rate = Some(log.rate.map_or(examples_per_s, |r| 0.9 * r + 0.1 * examples_per_s));
+                bar.set_position(step);
+                let rate = log.rate.unwrap_or(0.0);
+                bar.set_message(format!("loss {:.4}  lr {lr:.2e}  {rate:.0} ex/s", log.mean_loss()));
+            }
+            Event::Eval { step, metrics } => {
+                let line = log.record(stage, step, step as f64 / steps_per_epoch as f64, "dev", metrics);
+                bar.suspend(|| eprintln!("{line}"));
+            }
+            Event::Best { model, .. } => {
+                if save_error.is_none() {
+                    save_error = kd_model::save_pretrained(&best_dir, &model.config, &model.weights, &tokenizer)
+                        .with_context(|| format!("saving the best model to {}", best_dir.display()))
+                        .err();
+                }
+            }
+            Event::Resumed { step } => bar.suspend(|| eprintln!("{stage}: resumed after step {step}")),
+        };
+        let report = train(bert, train_set, dev, objective, cfg, &mut observer);
+        bar.finish_and_clear();
+        if let Some(e) = save_error {
+            return Err(e);
+        }
+        Ok(report?)
+    }
+
+    /// Records a final evaluation that the trainer did not make (e.g. on the training set).
+    pub fn record(&mut self, stage: &str, step: u64, epoch: f64, split: &str, metrics: &Metrics) {
+        self.log.record(stage, step, epoch, split, metrics);
+    }
+
+    /// Writes the final model to OUT and closes the log.
+    pub fn finish(self, bert: &Bert) -> Result<()> {
+        self.log.finish()?;
+        kd_model::save_pretrained(&self.out, &bert.config, &bert.weights, &self.tokenizer_json)?;
+        Ok(())
+    }
+}
+
+fn progress_bar(steps: u64, stage: &str) -> Result<ProgressBar> {
+    // Drawn on stderr, and only on a terminal: redirected output stays clean.
+    let bar = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
+    let template = format!("{stage} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} steps  {{msg}}  eta {{eta}}");
+    bar.set_style(ProgressStyle::with_template(&template)?.progress_chars("=> "));
+    Ok(bar)
+}
+
+/// `OUT/metrics.jsonl`, one object per evaluation, and the running training loss it reports.
+/// The observer cannot fail, so the first write error is kept for [`MetricsLog::finish`].
+struct MetricsLog {
+    file: File,
+    path: PathBuf,
+    error: Option<std::io::Error>,
+    loss_sum: f64,
+    loss_steps: u64,
+    /// Smoothed examples per second.
+    rate: Option<f64>,
+}
+
+impl MetricsLog {
+    /// A new log, or (when resuming) the existing one appended to.
+    fn open(path: &Path, append: bool) -> Result<MetricsLog> {
+        let file = File::options()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(MetricsLog { file, path: path.to_path_buf(), error: None, loss_sum: 0.0, loss_steps: 0, rate: None })
+    }
+
+    fn add_loss(&mut self, loss: f32) {
+        self.loss_sum += loss as f64;
+        self.loss_steps += 1;
+    }
+
+    /// The mean training loss over the steps since the last evaluation.
+    fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.loss_steps.max(1) as f64
+    }
+
+    /// Appends an evaluation, `loss` being [`mean_loss`](Self::mean_loss), and returns a
+    /// line for people.
+    fn record(&mut self, stage: &str, step: u64, epoch: f64, split: &str, metrics: &Metrics) -> String {
+        let fields = metric_fields(metrics);
+        let loss = self.mean_loss();
+        let mut obj = Map::new();
+        obj.insert("stage".into(), json!(stage));
+        obj.insert("step".into(), json!(step));
+        obj.insert("epoch".into(), json!(epoch));
+        obj.insert("split".into(), json!(split));
+        obj.extend(fields.clone());
+        obj.insert("loss".into(), json!(loss));
+        if self.error.is_none() {
+            self.error = writeln!(self.file, "{}", Value::Object(obj)).and_then(|()| self.file.flush()).err();
+        }
+        (self.loss_sum, self.loss_steps) = (0.0, 0);
+        format!("{stage} step {step} (epoch {epoch:.2}): {split} {}, training loss {loss:.4}", describe(&fields))
+    }
+
+    fn finish(self) -> Result<()> {
+        match self.error {
+            Some(e) => Err(e).with_context(|| format!("writing {}", self.path.display())),
+            None => Ok(()),
+        }
+    }
+}
