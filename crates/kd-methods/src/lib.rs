@@ -7,6 +7,7 @@ pub mod losses;
 pub mod methods;
 pub mod metrics;
 pub mod noise;
+pub mod pseudo;
 pub mod trainer;
 
 pub use error::{Error, Result};

@@ -2,4 +2,5 @@
 pub mod ce;
 pub mod ild;
 pub mod kd;
+pub mod peer_advised;
 pub mod teacher;
