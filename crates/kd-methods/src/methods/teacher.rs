@@ -73,13 +73,13 @@ impl CachedLogits {
         Ok(CachedLogits { rows: predict(teacher, set, batch_size)? })
     }
 
+    pub fn rows(&self) -> &[Vec<f32>] {
+        &self.rows
+    }
+
     /// Logits from elsewhere (a file of soft labels: log-probabilities serve as logits).
     pub fn from_rows(rows: Vec<Vec<f32>>) -> Self {
         CachedLogits { rows }
-    }
-
-    pub fn rows(&self) -> &[Vec<f32>] {
-        &self.rows
     }
 }
 
