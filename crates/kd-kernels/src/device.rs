@@ -3,6 +3,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream};
 
+use crate::cuda::Kernels;
 use crate::{Error, Result};
 
 /// Where a tensor's storage lives and where its ops run.
@@ -12,12 +13,14 @@ pub enum Device {
     Cuda(Arc<CudaDevice>),
 }
 
-/// One CUDA GPU: its primary context and the stream every op of kd is issued on.
+/// One CUDA GPU: its primary context, the stream every op of kd is issued on, and kd's kernels
+/// loaded on it.
 pub struct CudaDevice {
     pub ordinal: usize,
     pub name: String,
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    pub(crate) kernels: Kernels,
 }
 
 impl Device {
@@ -35,7 +38,7 @@ impl Device {
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoCuda(e.to_string()))?;
         let name = ctx.name().map_err(|e| Error::Cuda(e.to_string()))?;
         let stream = ctx.default_stream();
-        Ok(Device::Cuda(Arc::new(CudaDevice { ordinal, name, ctx, stream })))
+        Ok(Device::Cuda(Arc::new(CudaDevice { ordinal, name, ctx, stream, kernels: Kernels::default() })))
     }
 
     /// Parses a `--device` value: `cpu`, `cuda` or `cuda:N`.

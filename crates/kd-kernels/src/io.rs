@@ -38,6 +38,14 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostArray>> {
     Ok(out)
 }
 
+/// The `__metadata__` string map of a safetensors file (empty when it has none).
+pub fn read_safetensors_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 /// Writes f32 arrays to `path` atomically: a temporary file in the same folder, then a rename,
 /// so a reader never sees a half-written checkpoint.
 pub fn write_safetensors(

@@ -16,6 +16,7 @@
 //!   nothing; an op checks shapes and devices and returns an [`Error`] naming itself.
 //! - A padding mask is `[B, L]` with 1.0 for a real token and 0.0 for padding.
 pub mod assets;
+mod cuda;
 pub mod device;
 pub mod error;
 pub mod io;

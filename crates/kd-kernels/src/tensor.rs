@@ -16,7 +16,7 @@ pub enum Storage {
     Cuda { data: CudaSlice<f32>, device: Arc<CudaDevice> },
 }
 
-fn cuda_err(e: impl std::fmt::Display) -> Error {
+pub(crate) fn cuda_err(e: impl std::fmt::Display) -> Error {
     Error::Cuda(e.to_string())
 }
 

@@ -64,6 +64,16 @@ pub enum BatchTargets {
     Scores(Tensor),
 }
 
+impl BatchTargets {
+    /// The class ids, or `None` for a regression batch.
+    pub fn classes(&self) -> Option<&IdTensor> {
+        match self {
+            BatchTargets::Classes(labels) => Some(labels),
+            BatchTargets::Scores(_) => None,
+        }
+    }
+}
+
 pub fn gather_targets(targets: &Targets, indices: &[usize], device: &Device) -> Result<BatchTargets> {
     Ok(match targets {
         Targets::Classes(v) => BatchTargets::Classes(IdTensor::from_vec(

@@ -118,6 +118,7 @@ fn train_config(epochs: usize, lr: f32, seed: u64) -> TrainConfig {
         seed,
         eval_every: None,
         metric: MetricKind::Accuracy,
+        checkpoint: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! kd-methods: data, metrics, losses, the trainer and one file per KD method.
 pub mod batching;
+pub mod checkpoint;
 pub mod data;
 pub mod demo;
 pub mod error;

@@ -56,6 +56,36 @@ pub fn logit_kd(
     Ok(sum(&rows)? * spec.grad_scale)
 }
 
+/// Errors unless `alpha` (the soft term's share) is in [0, 1] and `temperature` is positive.
+pub fn check_kd_weights(alpha: f32, temperature: f32) -> Result<()> {
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err(Error::Config(format!("alpha {alpha} is not in [0, 1]")));
+    }
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::Config(format!("temperature {temperature} is not a positive number")));
+    }
+    Ok(())
+}
+
+/// Per example, `(1 - alpha) * CE(z_i, y_i) + alpha * T^2 * KL(softmax(t_i / T) || softmax(z_i / T))`:
+/// the logit-KD loss of each example on its own, with no gradient (for ranking examples).
+pub fn kd_loss_rows(
+    student: &Activations,
+    labels: &IdTensor,
+    teacher_logits: &Tensor,
+    alpha: f32,
+    temperature: f32,
+) -> Result<Vec<f32>> {
+    let logits = logits_of(student, "student")?;
+    let b = logits.shape()[0];
+    let mut ce_rows = Tensor::zeros(&[b], &logits.device())?;
+    ce_ops::cross_entropy(&mut ce_rows, None, logits, Targets::Hard(labels), None, 1.0)?;
+    let mut kl_rows = Tensor::zeros(&[b], &logits.device())?;
+    let spec = SoftmaxKl { temperature, form: KlForm::Kl, grad_scale: 1.0 };
+    softmax_kl(&mut kl_rows, None, None, logits, teacher_logits, None, spec)?;
+    Ok(ce_rows.to_vec()?.iter().zip(kl_rows.to_vec()?).map(|(&ce, kl)| (1.0 - alpha) * ce + alpha * kl).collect())
+}
+
 /// `weight * sum over (student state, teacher state) pairs` of the masked hidden-state MSE.
 /// Indices count hidden states: 0 is the embedding output, `l + 1` the output of layer `l`.
 pub fn hidden_mse(
@@ -66,17 +96,28 @@ pub fn hidden_mse(
     mask: &Tensor,
     weight: f32,
 ) -> Result<f32> {
-    let device = mask.device();
-    let token_mask = mask.try_clone()?.reshape(&[mask.numel()])?;
     let mut total = 0.0;
     for &(s, t) in pairs {
-        let (hs, ht) = (&student.hidden[s], &teacher.hidden[t]);
-        let mut loss = Tensor::zeros(&[1], &device)?;
-        let dh = grads.hidden_mut(s, hs)?;
-        mse_ops::hidden_mse(&mut loss, &mut [dh], &[hs], &[ht], &token_mask, weight)?;
-        total += sum(&loss)? * weight;
+        total += hidden_mse_to(grads, student, s, &teacher.hidden[t], mask, weight)?;
     }
     Ok(total)
+}
+
+/// `weight *` the masked MSE between the student's hidden state `index` and `target` `[N, D]`.
+pub fn hidden_mse_to(
+    grads: &mut OutputGrads,
+    student: &Activations,
+    index: usize,
+    target: &Tensor,
+    mask: &Tensor,
+    weight: f32,
+) -> Result<f32> {
+    let token_mask = mask.try_clone()?.reshape(&[mask.numel()])?;
+    let hs = &student.hidden[index];
+    let mut loss = Tensor::zeros(&[1], &mask.device())?;
+    let dh = grads.hidden_mut(index, hs)?;
+    mse_ops::hidden_mse(&mut loss, &mut [dh], &[hs], &[target], &token_mask, weight)?;
+    Ok(sum(&loss)? * weight)
 }
 
 /// Row weights that average attention-map rows over (example, head, real query token).
@@ -100,7 +141,6 @@ pub fn attention_kl(
     mask: &Tensor,
     weight: f32,
 ) -> Result<f32> {
-    let device = mask.device();
     let mut total = 0.0;
     for &(s, t) in pairs {
         let ss = student.layers[s]
@@ -111,16 +151,21 @@ pub fn attention_kl(
             .scores
             .as_ref()
             .ok_or_else(|| Error::Config("teacher forward kept no attention scores".into()))?;
-        let heads = ss.shape()[1];
-        let row_weights = query_row_weights(mask, heads, &device)?;
-        let rows = ss.rows();
-        let mut loss_rows = Tensor::zeros(&[rows], &device)?;
-        let spec = SoftmaxKl { temperature: 1.0, form: KlForm::Kl, grad_scale: weight };
-        let d = grads.scores_mut(s, ss)?;
-        softmax_kl(&mut loss_rows, Some(d), None, ss, ts, Some(&row_weights), spec)?;
-        total += sum(&loss_rows)? * weight;
+        total += score_kl(grads.scores_mut(s, ss)?, ss, ts, mask, weight)?;
     }
     Ok(total)
+}
+
+/// `weight * KL(teacher row || student row)` of score rows `[B, H, L, L]` (attention maps or
+/// Q/K/V relations; `f32::MIN` entries, masked keys, excluded), averaged over (example, head,
+/// query row real in `mask`); the student gradient accumulates into `dstudent`.
+pub fn score_kl(dstudent: &mut Tensor, student: &Tensor, teacher: &Tensor, mask: &Tensor, weight: f32) -> Result<f32> {
+    let device = mask.device();
+    let row_weights = query_row_weights(mask, student.shape()[1], &device)?;
+    let mut loss_rows = Tensor::zeros(&[student.rows()], &device)?;
+    let spec = SoftmaxKl { temperature: 1.0, form: KlForm::Kl, grad_scale: weight };
+    softmax_kl(&mut loss_rows, Some(dstudent), None, student, teacher, Some(&row_weights), spec)?;
+    Ok(sum(&loss_rows)? * weight)
 }
 
 /// The supervised loss on the batch's targets: CE for classes, MSE for regression scores.

@@ -32,7 +32,7 @@ impl From<GlueTask> for MetricKind {
 }
 
 /// The metrics of one evaluation; only the computed ones appear in JSON.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Metrics {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<f64>,

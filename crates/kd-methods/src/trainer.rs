@@ -8,8 +8,10 @@ use kd_kernels::rng::{mix64, Rng};
 use kd_kernels::Device;
 use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads};
 use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
+use kd_model::BertWeights;
 
 use crate::batching::{collate, gather_targets, BatchTargets, EncodedSet, Targets};
+use crate::checkpoint::{self, CheckpointConfig};
 use crate::data::Label;
 use crate::metrics::{task_metrics, MetricKind, Metrics};
 use crate::{Error, Result};
@@ -47,8 +49,33 @@ pub trait Objective {
         false
     }
 
+    /// Runs the student on the step's batch. A method that feeds the student something other
+    /// than the batch (CR-ILD's mixed embeddings) overrides this with
+    /// [`Objective::student_backward`].
+    fn student_forward(
+        &mut self,
+        student: &Bert,
+        acts: &mut Activations,
+        input: &StepInput,
+        mode: ForwardMode,
+    ) -> Result<()> {
+        Ok(student.forward(acts, input.batch, None, mode)?)
+    }
+
     /// Computes the loss of `student` on `input` and accumulates its gradient into `grads`.
     fn loss(&mut self, input: &StepInput, student: &Activations, grads: &mut OutputGrads) -> Result<LossLog>;
+
+    /// Backpropagates `out_grads` through the pass [`Objective::student_forward`] ran.
+    fn student_backward(
+        &mut self,
+        student: &Bert,
+        grads: &mut BertWeights,
+        acts: &mut Activations,
+        out_grads: &OutputGrads,
+        input: &StepInput,
+    ) -> Result<()> {
+        Ok(student.backward(grads, acts, out_grads, input.batch, None)?)
+    }
 }
 
 /// Hyper-parameters of one training run (HF `TrainingArguments` names where they exist).
@@ -64,12 +91,57 @@ pub struct TrainConfig {
     /// Evaluate on dev every this many steps (and always at the end).
     pub eval_every: Option<u64>,
     pub metric: MetricKind,
+    /// Periodic resumable state (None: nothing is written).
+    pub checkpoint: Option<CheckpointConfig>,
+}
+
+impl TrainConfig {
+    /// Optimiser steps of a run over `examples` training examples.
+    pub fn total_steps(&self, examples: usize) -> u64 {
+        examples.div_ceil(self.batch_size) as u64 * self.epochs as u64
+    }
+
+    /// The AdamW set-up of a run of `total_steps`; a model trained alongside the student (a
+    /// co-teaching peer) uses the same one.
+    pub fn optimizer(&self, total_steps: u64) -> OptimizerConfig {
+        OptimizerConfig {
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: self.max_grad_norm,
+            schedule: LinearSchedule {
+                warmup: (self.warmup_ratio * total_steps as f32).ceil() as u64,
+                total: total_steps,
+            },
+        }
+    }
 }
 
 /// What the loop reports as it goes (the CLI draws progress bars and writes JSON lines).
 pub enum Event<'a> {
-    Step { step: u64, total_steps: u64, loss: &'a LossLog, lr: f32, examples_per_s: f64 },
-    Eval { step: u64, metrics: &'a Metrics },
+    Step {
+        step: u64,
+        total_steps: u64,
+        loss: &'a LossLog,
+        lr: f32,
+        examples_per_s: f64,
+    },
+    Eval {
+        step: u64,
+        metrics: &'a Metrics,
+    },
+    /// A dev evaluation beat every earlier one: the observer may save `model`.
+    Best {
+        step: u64,
+        metrics: &'a Metrics,
+        model: &'a Bert,
+    },
+    /// Training resumed from a saved state after `step` updates.
+    Resumed {
+        step: u64,
+    },
 }
 
 /// The outcome of a run.
@@ -96,27 +168,29 @@ pub fn train(
     let device = student.device();
     let pad = student.config.pad_token_id;
     let steps_per_epoch = train.items.len().div_ceil(cfg.batch_size) as u64;
-    let total_steps = steps_per_epoch * cfg.epochs as u64;
-    let opt_cfg = OptimizerConfig {
-        lr: cfg.lr,
-        weight_decay: cfg.weight_decay,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        max_grad_norm: cfg.max_grad_norm,
-        schedule: LinearSchedule { warmup: (cfg.warmup_ratio * total_steps as f32).ceil() as u64, total: total_steps },
-    };
-    let mut optimizer = Optimizer::new(opt_cfg, &student.weights)?;
+    let total_steps = cfg.total_steps(train.items.len());
+    let mut optimizer = Optimizer::new(cfg.optimizer(total_steps), &student.weights)?;
     let mut grads = student.weights.zeros_like()?;
     let started = Instant::now();
     let mut best: Option<Metrics> = None;
     let mut last: Option<Metrics> = None;
     let mut step = 0u64;
+    if let Some(ck) = cfg.checkpoint.as_ref().filter(|c| c.resume) {
+        if let Some(resumed) = checkpoint::load(&ck.dir, &mut student.weights, &mut optimizer)? {
+            step = resumed.step;
+            best = resumed.best;
+            observer(Event::Resumed { step });
+        }
+    }
+    let resume_at = step;
 
     for epoch in 0..cfg.epochs {
         let mut order: Vec<usize> = (0..train.items.len()).collect();
         Rng::new(mix64(cfg.seed ^ (epoch as u64 + 1))).shuffle(&mut order);
-        for indices in order.chunks(cfg.batch_size) {
+        for (batch_in_epoch, indices) in order.chunks(cfg.batch_size).enumerate() {
+            if epoch as u64 * steps_per_epoch + (batch_in_epoch as u64) < resume_at {
+                continue; // done before the interruption
+            }
             let t0 = Instant::now();
             let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
             let targets = gather_targets(&train.targets, indices, &device)?;
@@ -126,15 +200,15 @@ pub fn train(
                 seed: mix64(cfg.seed.wrapping_add(step)),
                 keep_scores: objective.keep_scores(),
             };
-            student.forward(&mut acts, &batch, None, mode)?;
-            let mut out_grads = acts.output_grads()?;
             let input = StepInput { batch: &batch, indices, targets: &targets, epoch, step, steps_per_epoch };
+            objective.student_forward(student, &mut acts, &input, mode)?;
+            let mut out_grads = acts.output_grads()?;
             let loss = objective.loss(&input, &acts, &mut out_grads)?;
             if !loss.total.is_finite() {
                 return Err(Error::NonFinite(format!("loss is {} at step {}", loss.total, step + 1)));
             }
             grads.zero()?;
-            student.backward(&mut grads, &mut acts, &out_grads, &batch, None)?;
+            objective.student_backward(student, &mut grads, &mut acts, &out_grads, &input)?;
             let lr = optimizer.lr();
             optimizer.update(&mut student.weights, &mut grads)?;
             step += 1;
@@ -147,8 +221,14 @@ pub fn train(
                 observer(Event::Eval { step, metrics: &metrics });
                 if best.as_ref().is_none_or(|b| metrics.main() > b.main()) {
                     best = Some(metrics.clone());
+                    observer(Event::Best { step, metrics: &metrics, model: student });
                 }
                 last = Some(metrics);
+            }
+            if let Some(ck) = &cfg.checkpoint {
+                if step.is_multiple_of(ck.every) || step == total_steps {
+                    checkpoint::save(&ck.dir, &student.weights, &optimizer, step, best.as_ref())?;
+                }
             }
         }
     }

@@ -7,13 +7,14 @@ use std::sync::OnceLock;
 use kd_kernels::rng::Rng;
 use kd_kernels::Device;
 use kd_methods::batching::{Encoded, EncodedSet, Targets};
+use kd_methods::checkpoint::{CheckpointConfig, STATE_FILE};
 use kd_methods::data::{Dataset, Example, Label};
 use kd_methods::methods::ce::Ce;
 use kd_methods::methods::peer_advised::{partition, peer_advised, PeerAdvisedConfig};
 use kd_methods::metrics::MetricKind;
 use kd_methods::noise::{inject, NoiseModel};
 use kd_methods::pseudo::PseudoLabels;
-use kd_methods::trainer::{predict, train, TrainConfig};
+use kd_methods::trainer::{predict, train, Event, TrainConfig};
 use kd_methods::Result;
 use kd_model::bert::Bert;
 use kd_model::{BertConfig, BertWeights};
@@ -83,6 +84,7 @@ fn config() -> PeerAdvisedConfig {
         seed: 3,
         eval_every: None,
         metric: MetricKind::Accuracy,
+        checkpoint: None,
     })
 }
 
@@ -220,4 +222,39 @@ fn bad_inputs_fail_before_any_training() {
     let cfg = PeerAdvisedConfig { keep: 1.0, ..config() };
     let err = peer_advised(&mut never, &items, &labels, None, &cfg, &mut |_, _| {}).err().unwrap();
     assert!(err.to_string().contains("keep 1"), "{err}");
+}
+
+#[test]
+fn each_stage_checkpoints_apart_and_a_resumed_pipeline_skips_finished_stages() {
+    let (items, gold) = marker_set(64, 4);
+    let labels = PseudoLabels::Hard(corrupt(&gold).0);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("peer-advised-ck-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = config();
+    for c in [&mut cfg.probe, &mut cfg.train] {
+        c.epochs = c.epochs.min(2);
+        c.checkpoint = Some(CheckpointConfig { dir: dir.clone(), every: 1000, resume: true });
+    }
+    let mut events: Vec<(String, &'static str)> = Vec::new();
+    let mut observe = |stage: &str, e: Event| {
+        let kind = match e {
+            Event::Step { .. } => "step",
+            Event::Resumed { .. } => "resumed",
+            _ => "other",
+        };
+        events.push((stage.to_string(), kind));
+    };
+    let first = peer_advised(&mut new_student, &items, &labels, None, &cfg, &mut observe).unwrap();
+    for stage in ["probe", "peer", "student"] {
+        assert!(dir.join(stage).join(STATE_FILE).is_file(), "{stage} wrote no state");
+    }
+    let again = peer_advised(&mut new_student, &items, &labels, None, &cfg, &mut observe).unwrap();
+    let second: Vec<_> =
+        events.iter().skip_while(|(s, _)| s != "student").skip_while(|(s, _)| s == "student").collect();
+    assert_eq!(second.iter().filter(|(_, k)| *k == "resumed").count(), 3, "{second:?}");
+    assert!(second.iter().all(|(_, k)| *k != "step"), "a finished stage trained again: {second:?}");
+    assert_eq!((again.scores, again.kept, again.peer_labels), (first.scores, first.kept, first.peer_labels));
+    let set = EncodedSet { items, targets: Targets::Classes(gold) };
+    assert_eq!(predict(&again.student, &set, 64).unwrap(), predict(&first.student, &set, 64).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

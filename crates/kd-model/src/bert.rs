@@ -119,6 +119,9 @@ pub struct OutputGrads {
     pub hidden: Vec<Option<Tensor>>,
     /// Per layer, the gradient w.r.t. the masked attention scores, made on first use.
     pub scores: Vec<Option<Tensor>>,
+    /// Per layer, the gradients w.r.t. its query, key and value projections (`[B, L, D]` each),
+    /// for losses on Q/K/V relations; made on first use.
+    pub qkv: Vec<Option<[Tensor; 3]>>,
 }
 
 /// Scratch gradients of the activations, reused across steps.
@@ -171,6 +174,16 @@ pub struct Bert {
 
 fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
     Ok(Tensor::zeros(shape, device)?)
+}
+
+fn check_batch(acts: &Activations, batch: &EncoderBatch) -> Result<()> {
+    if (acts.batch, acts.seq) != (batch.batch, batch.seq) {
+        return Err(Error::Shape(format!(
+            "activations are for {}x{}, batch is {}x{}",
+            acts.batch, acts.seq, batch.batch, batch.seq
+        )));
+    }
+    Ok(())
 }
 
 /// Seeds of the dropout sites: one per (site, layer), derived from the step's seed.
@@ -252,6 +265,7 @@ impl Activations {
             logits: self.logits.as_ref().map(|l| zeros(l.shape(), &device)).transpose()?,
             hidden: self.hidden.iter().map(|_| None).collect(),
             scores: self.layers.iter().map(|_| None).collect(),
+            qkv: self.layers.iter().map(|_| None).collect(),
         })
     }
 }
@@ -259,8 +273,12 @@ impl Activations {
 impl OutputGrads {
     /// Zeroes every buffer (keeping the allocations) for the next step.
     pub fn zero(&mut self) -> Result<()> {
-        let all =
-            self.logits.iter_mut().chain(self.hidden.iter_mut().flatten()).chain(self.scores.iter_mut().flatten());
+        let all = self
+            .logits
+            .iter_mut()
+            .chain(self.hidden.iter_mut().flatten())
+            .chain(self.scores.iter_mut().flatten())
+            .chain(self.qkv.iter_mut().flatten().flatten());
         for t in all {
             t.fill(0.0)?;
         }
@@ -281,6 +299,16 @@ impl OutputGrads {
         let slot = &mut self.scores[index];
         if slot.is_none() {
             *slot = Some(zeros(like.shape(), &like.device())?);
+        }
+        Ok(slot.as_mut().expect("made above"))
+    }
+
+    /// The gradient buffers of layer `index`'s query, key and value, made zero on first use.
+    pub fn qkv_mut(&mut self, index: usize, like: &Tensor) -> Result<&mut [Tensor; 3]> {
+        let slot = &mut self.qkv[index];
+        if slot.is_none() {
+            let make = || zeros(like.shape(), &like.device());
+            *slot = Some([make()?, make()?, make()?]);
         }
         Ok(slot.as_mut().expect("made above"))
     }
@@ -338,12 +366,21 @@ impl Bert {
         inputs_embeds: Option<&Tensor>,
         mode: ForwardMode,
     ) -> Result<()> {
-        if (acts.batch, acts.seq) != (batch.batch, batch.seq) {
-            return Err(Error::Shape(format!(
-                "activations are for {}x{}, batch is {}x{}",
-                acts.batch, acts.seq, batch.batch, batch.seq
-            )));
-        }
+        self.embed(acts, batch, inputs_embeds, mode)?;
+        self.encode(acts, batch)
+    }
+
+    /// The first half of [`Bert::forward`]: the embedding output, `acts.hidden[0]`. A method may
+    /// rewrite it before [`Bert::encode`] (CR-ILD mixes two examples' embedding outputs), and
+    /// then splits the backward the same way ([`Bert::backward_encoder`]).
+    pub fn embed(
+        &self,
+        acts: &mut Activations,
+        batch: &EncoderBatch,
+        inputs_embeds: Option<&Tensor>,
+        mode: ForwardMode,
+    ) -> Result<()> {
+        check_batch(acts, batch)?;
         acts.mode = mode;
         acts.used_inputs_embeds = inputs_embeds.is_some();
         let w = &self.weights;
@@ -365,7 +402,19 @@ impl Bert {
         embedding::embedding_forward(&mut acts.emb_sum, &batch.type_ids, &e.token_type_embeddings, true)?;
         layer_norm(&mut acts.emb_ln, &mut acts.emb_mean, &mut acts.emb_rstd, &acts.emb_sum, &e.layer_norm, eps)?;
         dropout::dropout_forward(&mut acts.hidden[0], &acts.emb_ln, p_hidden, site_seed(mode.seed, SITE_EMBEDDINGS))?;
+        Ok(())
+    }
 
+    /// The second half of [`Bert::forward`]: the layers and heads on `acts.hidden[0]`, in the
+    /// mode [`Bert::embed`] recorded. `batch` gives the attention mask (it may differ from the
+    /// one the embeddings were computed with).
+    pub fn encode(&self, acts: &mut Activations, batch: &EncoderBatch) -> Result<()> {
+        check_batch(acts, batch)?;
+        let mode = acts.mode;
+        let w = &self.weights;
+        let cfg = &self.config;
+        let eps = cfg.layer_norm_eps as f32;
+        let p_hidden = if mode.train { cfg.hidden_dropout_prob as f32 } else { 0.0 };
         for (l, lw) in w.layers.iter().enumerate() {
             let (before, after) = acts.hidden.split_at_mut(l + 1);
             let (x, out) = (&before[l], &mut after[0]);
@@ -427,6 +476,21 @@ impl Bert {
         batch: &EncoderBatch,
         d_inputs_embeds: Option<&mut Tensor>,
     ) -> Result<()> {
+        self.backward_encoder(grads, acts, out_grads, batch)?;
+        self.backward_embeddings(grads, acts, batch, d_inputs_embeds)
+    }
+
+    /// The first half of [`Bert::backward`], mirroring [`Bert::encode`]: returns the gradient
+    /// w.r.t. the embedding output `hidden[0]`, which the caller may rewrite (by the adjoint of
+    /// its rewrite of `hidden[0]`) before [`Bert::backward_embeddings`] finishes.
+    pub fn backward_encoder<'a>(
+        &self,
+        grads: &mut BertWeights,
+        acts: &'a mut Activations,
+        out_grads: &OutputGrads,
+        batch: &EncoderBatch,
+    ) -> Result<&'a mut Tensor> {
+        check_batch(acts, batch)?;
         let cfg = &self.config;
         let w = &self.weights;
         let mode = acts.mode;
@@ -525,12 +589,35 @@ impl Bert {
                 d_scores,
                 attention_dropout(cfg, mode, l),
             )?;
+            if let Some(extra) = &out_grads.qkv[l] {
+                for (d, e) in [&mut s.dq, &mut s.dk, &mut s.dv].into_iter().zip(extra) {
+                    bias::add_inplace(d, e)?;
+                }
+            }
             linear_back(Some(&mut s.dh_prev), &mut g.query, &s.dq, x, &lw.query)?;
             linear_back(Some(&mut s.dh_prev), &mut g.key, &s.dk, x, &lw.key)?;
             linear_back(Some(&mut s.dh_prev), &mut g.value, &s.dv, x, &lw.value)?;
             std::mem::swap(&mut s.dh, &mut s.dh_prev);
         }
+        Ok(&mut s.dh)
+    }
 
+    /// The second half of [`Bert::backward`], mirroring [`Bert::embed`]: from the gradient
+    /// w.r.t. `hidden[0]` that [`Bert::backward_encoder`] left, into the embedding tables (or
+    /// `d_inputs_embeds`, when the forward took `inputs_embeds`).
+    pub fn backward_embeddings(
+        &self,
+        grads: &mut BertWeights,
+        acts: &mut Activations,
+        batch: &EncoderBatch,
+        d_inputs_embeds: Option<&mut Tensor>,
+    ) -> Result<()> {
+        check_batch(acts, batch)?;
+        let w = &self.weights;
+        let mode = acts.mode;
+        let p_hidden = if mode.train { self.config.hidden_dropout_prob as f32 } else { 0.0 };
+        let s =
+            acts.scratch.as_mut().ok_or_else(|| Error::Shape("backward_embeddings before backward_encoder".into()))?;
         // s.dh is d(hidden[0]); hidden[0] = dropout(LN(word + position + token type))
         s.d_res.fill(0.0)?;
         dropout::dropout_backward(&mut s.d_res, &s.dh, p_hidden, site_seed(mode.seed, SITE_EMBEDDINGS))?;

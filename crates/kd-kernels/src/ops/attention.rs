@@ -10,11 +10,15 @@
 //! same, so its maps (and the losses distilled from them) match HF's.
 use std::marker::PhantomData;
 
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::dropout::check_p;
 use super::opt_rows_mut;
+use crate::cuda::{self, Module, OptionalArg};
+use crate::device::CudaDevice;
 use crate::rng::uniform;
+use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
 /// The sizes of one attention call.
@@ -187,7 +191,8 @@ pub fn attention_forward(
             );
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(_) if dropout.is_some() => Err(Error::CudaUnsupported { op: "attention_forward with dropout" }),
+        Device::Cuda(dev) => attention_forward_cuda(&dev, dims, out, probs, scores, q, k, v, mask),
     }
 }
 
@@ -233,6 +238,127 @@ fn attention_forward_cpu(
             }
         },
     );
+}
+
+/// Tile sizes of `kernels/attention.cu` (ATT_BQ, ATT_BK, ATT_BI, ATT_MAX_DH, ATT_THREADS).
+const ATT_BQ: usize = 16;
+const ATT_BK: usize = 32;
+const ATT_BI: usize = 32;
+const ATT_MAX_DH: usize = 128;
+const ATT_THREADS: u32 = 256;
+
+impl Dims {
+    /// The kernels' `L, H, Dh` after checking the sizes they take.
+    fn cuda_ints(&self, op: &'static str) -> Result<[i32; 3]> {
+        if self.dh > ATT_MAX_DH {
+            return Err(Error::invalid(op, format!("head dim {} > {ATT_MAX_DH} has no CUDA kernel yet", self.dh)));
+        }
+        if self.b > 65_535 || self.heads > 65_535 {
+            return Err(Error::invalid(
+                op,
+                format!("{} x {} (batch x heads) exceeds the CUDA grid", self.b, self.heads),
+            ));
+        }
+        Ok([cuda::int(op, "L", self.l)?, cuda::int(op, "H", self.heads)?, cuda::int(op, "Dh", self.dh)?])
+    }
+
+    /// Blocks of `rows` queries (or keys) per (head, batch), 256 threads, `floats` of shared memory.
+    fn launch(&self, rows: usize, floats: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.l.div_ceil(rows) as u32, self.heads as u32, self.b as u32),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: (floats * 4) as u32,
+        }
+    }
+
+    /// The forward and dq kernels: a query tile, a key chunk and the tile's score rows.
+    fn query_blocks(&self) -> LaunchConfig {
+        self.launch(ATT_BQ, ATT_BQ * self.dh + ATT_BK * (self.dh + 1) + ATT_BQ * self.l)
+    }
+
+    /// The dk / dv kernel: the block's values, a query and a dout chunk, P and dS tiles.
+    fn key_blocks(&self) -> LaunchConfig {
+        self.launch(ATT_BK, ATT_BK * (self.dh + 1) + 2 * ATT_BI * self.dh + 2 * ATT_BI * (ATT_BK + 1))
+    }
+}
+
+/// `kernels/attention.cu`'s forward: one block per 16 queries of a (batch, head), the score rows
+/// in shared memory.
+#[allow(clippy::too_many_arguments)]
+fn attention_forward_cuda(
+    dev: &CudaDevice,
+    dims: Dims,
+    out: &mut Tensor,
+    probs: &mut Tensor,
+    scores: Option<&mut Tensor>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+) -> Result<()> {
+    const OP: &str = "attention_forward";
+    if dims.is_empty() {
+        return Ok(());
+    }
+    let [l, h, dh] = dims.cuda_ints(OP)?;
+    let scale = 1.0 / (dims.dh as f32).sqrt();
+    let cfg = dims.query_blocks();
+    let f = dev.function(Module::Attention, "attention_forward_f32")?;
+    dev.allow_shared_memory(OP, &f, cfg.shared_mem_bytes as usize)?;
+    let scores = scores.map(cuda::slice_mut).transpose()?;
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(cuda::slice_mut(out)?).arg(cuda::slice_mut(probs)?).opt_mut(scores);
+    b.arg(cuda::slice(q)?).arg(cuda::slice(k)?).arg(cuda::slice(v)?).arg(cuda::slice(mask)?);
+    b.arg(&l).arg(&h).arg(&dh).arg(&scale);
+    // SAFETY: attention_forward_f32's parameters; attention_forward checked every shape against
+    // `dims`, and the shared memory matches the kernel's layout.
+    unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+    Ok(())
+}
+
+/// `kernels/attention.cu`'s backward: dq per query block (keeping each query's `P . dP`), then
+/// dk and dv per key block, which recompute their columns of the score gradient.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_cuda(
+    dev: &CudaDevice,
+    dims: Dims,
+    (dq, dk, dv): (&mut Tensor, &mut Tensor, &mut Tensor),
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    extra: Option<&Tensor>,
+) -> Result<()> {
+    const OP: &str = "attention_backward";
+    if dims.is_empty() {
+        return Ok(());
+    }
+    let [l, h, dh] = dims.cuda_ints(OP)?;
+    let scale = 1.0 / (dims.dh as f32).sqrt();
+    let (dq_cfg, dkv_cfg) = (dims.query_blocks(), dims.key_blocks());
+    let dq_f = dev.function(Module::Attention, "attention_backward_dq_f32")?;
+    let dkv_f = dev.function(Module::Attention, "attention_backward_dkv_f32")?;
+    dev.allow_shared_memory(OP, &dq_f, dq_cfg.shared_mem_bytes as usize)?;
+    dev.allow_shared_memory(OP, &dkv_f, dkv_cfg.shared_mem_bytes as usize)?;
+    let (dout, q, k, v, probs) =
+        (cuda::slice(dout)?, cuda::slice(q)?, cuda::slice(k)?, cuda::slice(v)?, cuda::slice(probs)?);
+    let extra = extra.map(cuda::slice).transpose()?;
+    dev.with_scratch(dims.b * dims.heads * dims.l, |rowdot| {
+        {
+            let mut b = dev.stream.launch_builder(&dq_f);
+            b.arg(cuda::slice_mut(dq)?).arg(&mut *rowdot).arg(dout).arg(k).arg(v).arg(probs).opt(extra);
+            b.arg(&l).arg(&h).arg(&dh).arg(&scale);
+            // SAFETY: attention_backward_dq_f32's parameters; rowdot holds B * H * L floats.
+            unsafe { b.launch(dq_cfg) }.map_err(cuda_err)?;
+        }
+        let mut b = dev.stream.launch_builder(&dkv_f);
+        b.arg(cuda::slice_mut(dk)?).arg(cuda::slice_mut(dv)?).arg(&*rowdot).arg(dout).arg(q).arg(v).arg(probs);
+        b.opt(extra).arg(&l).arg(&h).arg(&dh).arg(&scale);
+        // SAFETY: attention_backward_dkv_f32's parameters; rowdot was written by the dq kernel.
+        unsafe { b.launch(dkv_cfg) }.map_err(cuda_err)?;
+        Ok(())
+    })
 }
 
 fn softmax_in_place(x: &mut [f32]) {
@@ -288,7 +414,8 @@ pub fn attention_backward(
             attention_backward_cpu(dims, grads, dout, q, k, v, probs.cpu()?, extra, dropout);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(_) if dropout.is_some() => Err(Error::CudaUnsupported { op: "attention_backward with dropout" }),
+        Device::Cuda(dev) => attention_backward_cuda(&dev, dims, (dq, dk, dv), dout, q, k, v, probs, dscores_extra),
     }
 }
 

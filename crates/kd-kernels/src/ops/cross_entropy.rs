@@ -2,9 +2,13 @@
 //! smoothing, teacher pseudo-labels, LLM soft labels) and MSE for regression (STS-B), both with
 //! per-example weights so a batch mean, a noisy-label reweighting or a padded example is just
 //! a weight.
+use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
 use super::opt_rows_mut;
+use crate::cuda::{self, Module, OptionalArg};
+use crate::device::CudaDevice;
+use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, IdTensor, Result, Tensor};
 
 /// What the logits are scored against.
@@ -18,8 +22,9 @@ pub enum Targets<'a> {
 
 /// `loss_rows[i] = w_i * -sum_c y_ic log softmax(z_i)_c` (overwritten), logits `[N, C]`.
 /// `dlogits` += `grad_scale * w_i * (sum_c y_ic * softmax(z_i) - y_i)`, which is the usual
-/// `softmax - y` for targets that sum to one. A label `>= C` is an error naming its row; rows
-/// of weight 0 give 0 and no gradient.
+/// `softmax - y` for targets that sum to one. A label `>= C` is an error naming its row (on a
+/// GPU, where finding it would need a synchronising copy, that row's loss is NaN and it gets no
+/// gradient); rows of weight 0 give 0 and no gradient.
 pub fn cross_entropy(
     loss_rows: &mut Tensor,
     dlogits: Option<&mut Tensor>,
@@ -72,7 +77,7 @@ pub fn cross_entropy(
             cross_entropy_cpu(loss_rows.cpu_mut()?, dlogits, logits.cpu()?, targets, w, c, grad_scale);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => cross_entropy_cuda(&dev, loss_rows, dlogits, logits, targets, weights, grad_scale),
     }
 }
 
@@ -150,6 +155,44 @@ fn cross_entropy_cpu(
     });
 }
 
+/// `kernels/cross_entropy.cu`: one team of threads per row (a few lanes of a warp for a few
+/// classes, a block for a vocabulary), online max and sum, then the loss and the gradient.
+fn cross_entropy_cuda(
+    dev: &CudaDevice,
+    loss: &mut Tensor,
+    dlogits: Option<&mut Tensor>,
+    logits: &Tensor,
+    targets: Targets,
+    w: Option<&Tensor>,
+    grad_scale: f32,
+) -> Result<()> {
+    const OP: &str = "cross_entropy";
+    let (n, c) = (logits.rows(), logits.last_dim());
+    if n == 0 {
+        return Ok(());
+    }
+    let (n_i, c_i) = (cuda::int(OP, "N", n)?, cuda::int(OP, "C", c)?);
+    let (labels, soft) = match targets {
+        Targets::Hard(ids) => (Some(cuda::id_slice(ids)?), None),
+        Targets::Soft(y) => (None, Some(cuda::slice(y)?)),
+    };
+    let (cfg, group) = cuda::row_launch(n, c);
+    let name = if group.is_some() { "cross_entropy_f32_warp" } else { "cross_entropy_f32_block" };
+    let f = dev.function(Module::CrossEntropy, name)?;
+    let dlogits = dlogits.map(cuda::slice_mut).transpose()?;
+    let w = w.map(cuda::slice).transpose()?;
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(cuda::slice_mut(loss)?).opt_mut(dlogits).arg(cuda::slice(logits)?).opt(labels).opt(soft).opt(w);
+    b.arg(&n_i).arg(&c_i).arg(&grad_scale);
+    if let Some(group) = &group {
+        b.arg(group);
+    }
+    // SAFETY: the arguments follow the kernel's parameter list (CE_PARAMS, then `group` for the
+    // warp kernel); cross_entropy checked every buffer's shape.
+    unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+    Ok(())
+}
+
 /// Regression loss: `loss_rows[i] = w_i * (pred_i - y_i)^2` (overwritten) and `dpred` +=
 /// `grad_scale * w_i * 2 (pred_i - y_i)`; `pred` is `[N, 1]` (a regression head) or `[N]`,
 /// `target` is `[N]`. Rows of weight 0 give 0 and no gradient, whatever their values.
@@ -178,7 +221,7 @@ pub fn mse_loss(
             mse_loss_cpu(loss_rows.cpu_mut()?, dpred, pred.cpu()?, target.cpu()?, w, grad_scale);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => mse_loss_cuda(&dev, loss_rows, dpred, pred, target, weights, grad_scale),
     }
 }
 
@@ -203,4 +246,31 @@ fn mse_loss_cpu(
             dp[0] += grad_scale * w * 2.0 * diff;
         }
     });
+}
+
+/// `kernels/cross_entropy.cu`'s `mse_loss_f32`: one thread per example.
+fn mse_loss_cuda(
+    dev: &CudaDevice,
+    loss: &mut Tensor,
+    dpred: Option<&mut Tensor>,
+    pred: &Tensor,
+    target: &Tensor,
+    w: Option<&Tensor>,
+    grad_scale: f32,
+) -> Result<()> {
+    const OP: &str = "mse_loss";
+    let n = loss.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let n_i = cuda::int(OP, "N", n)?;
+    let f = dev.function(Module::CrossEntropy, "mse_loss_f32")?;
+    let dpred = dpred.map(cuda::slice_mut).transpose()?;
+    let w = w.map(cuda::slice).transpose()?;
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(cuda::slice_mut(loss)?).opt_mut(dpred).arg(cuda::slice(pred)?).arg(cuda::slice(target)?).opt(w);
+    b.arg(&n_i).arg(&grad_scale);
+    // SAFETY: the arguments follow mse_loss_f32's parameters; mse_loss checked the shapes.
+    unsafe { b.launch(cuda::elementwise_launch(n)) }.map_err(cuda_err)?;
+    Ok(())
 }

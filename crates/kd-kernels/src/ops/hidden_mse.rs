@@ -1,15 +1,21 @@
 //! Masked hidden-state MSE between student and teacher layers (TinyBERT, MiniLM-style
 //! intermediate-layer distillation), several layer pairs in one call so a method issues one op
 //! per step however many layers it maps.
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::opt_rows_mut;
+use crate::cuda::{self, Module};
+use crate::device::CudaDevice;
+use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
 /// `losses` `[P]` is overwritten: for pair p, the sum over real tokens (mask 1) and hidden dims
 /// of `(s - t)^2`, divided by `n_real * D`. `dstudents[p]` += `grad_scale * 2 (s - t) / (n_real * D)`
 /// at real tokens; pass an empty slice for the forward only. Every student and teacher is
 /// `[N, D]` with one D, `token_mask` is `[N]` of 0.0 and 1.0. With no real token the losses are 0.
+/// Another mask value is an error (on a GPU, where finding it would need a synchronising copy,
+/// every loss is NaN and no gradient is written).
 pub fn hidden_mse(
     losses: &mut Tensor,
     dstudents: &mut [&mut Tensor],
@@ -62,8 +68,99 @@ pub fn hidden_mse(
             }
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => hidden_mse_cuda(&dev, losses, dstudents, students, teachers, token_mask, d, grad_scale),
     }
+}
+
+/// Layer pairs per launch: the size of `MsePairs` in `kernels/hidden_mse.cu`.
+const MAX_PAIRS: usize = 32;
+/// Threads per block of `hidden_mse_f32`, and the elements each thread takes at least.
+const MSE_BLOCK: u32 = 256;
+const MSE_PER_THREAD: usize = 8;
+
+/// `kernels/hidden_mse.cu`: the real tokens counted once, every pair's squared differences and
+/// gradients in one launch (per 32 pairs) writing one partial sum per block, then the partials
+/// summed in a fixed order, so the losses do not depend on scheduling.
+#[allow(clippy::too_many_arguments)]
+fn hidden_mse_cuda(
+    dev: &CudaDevice,
+    losses: &mut Tensor,
+    dstudents: &mut [&mut Tensor],
+    students: &[&Tensor],
+    teachers: &[&Tensor],
+    token_mask: &Tensor,
+    d: usize,
+    grad_scale: f32,
+) -> Result<()> {
+    const OP: &str = "hidden_mse";
+    let (pairs, n) = (students.len(), token_mask.numel());
+    if pairs == 0 {
+        return Ok(());
+    }
+    // Flat element indices (and one grid stride past the end) stay within an int.
+    if n * d > i32::MAX as usize / 2 {
+        return Err(Error::invalid(OP, format!("{n} x {d} hidden states are too many for the CUDA kernel")));
+    }
+    let (n_i, d_i) = (cuda::int(OP, "N", n)?, cuda::int(OP, "D", d)?);
+    let blocks = (n * d).div_ceil(MSE_BLOCK as usize * MSE_PER_THREAD).clamp(1, 256);
+    let blocks_i = blocks as i32;
+    let count = dev.function(Module::HiddenMse, "hidden_mse_count_f32")?;
+    let main = dev.function(Module::HiddenMse, "hidden_mse_f32")?;
+    let finalize = dev.function(Module::HiddenMse, "hidden_mse_finalize_f32")?;
+    let mask = cuda::slice(token_mask)?;
+    let losses = cuda::slice_mut(losses)?;
+    let single = |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    dev.with_scratch(2 + MAX_PAIRS * blocks, |scratch| {
+        let (mut stats, mut partials) = scratch.split_at_mut(2);
+        {
+            let mut b = dev.stream.launch_builder(&count);
+            b.arg(mask).arg(&n_i).arg(&mut stats);
+            // SAFETY: hidden_mse_count_f32(mask [n], n, stats [2]).
+            unsafe { b.launch(single(1024)) }.map_err(cuda_err)?;
+        }
+        let stats = stats.as_view();
+        for start in (0..pairs).step_by(MAX_PAIRS) {
+            let end = (start + MAX_PAIRS).min(pairs);
+            let chunk = (end - start) as i32;
+            // MsePairs: student, teacher and gradient pointers (0 = no gradient).
+            let mut ptrs = [[0u64; MAX_PAIRS]; 3];
+            let mut reads = Vec::with_capacity(2 * MAX_PAIRS);
+            for (k, p) in (start..end).enumerate() {
+                for (row, t) in [(0, students[p]), (1, teachers[p])] {
+                    let (ptr, read) = cuda::slice(t)?.device_ptr(&dev.stream);
+                    ptrs[row][k] = ptr;
+                    reads.push(read);
+                }
+            }
+            let mut writes = Vec::with_capacity(MAX_PAIRS);
+            for (k, g) in dstudents.iter_mut().skip(start).take(end - start).enumerate() {
+                let (ptr, write) = cuda::slice_mut(g)?.device_ptr_mut(&dev.stream);
+                ptrs[2][k] = ptr;
+                writes.push(write);
+            }
+            {
+                let cfg = LaunchConfig {
+                    grid_dim: (blocks as u32, chunk as u32, 1),
+                    block_dim: (MSE_BLOCK, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut b = dev.stream.launch_builder(&main);
+                b.arg(&ptrs).arg(mask).arg(&n_i).arg(&d_i).arg(&grad_scale).arg(&stats).arg(&mut partials);
+                // SAFETY: hidden_mse_f32's parameters; every pointer in `ptrs` is a live [n, d]
+                // buffer (its guard in `reads` / `writes` records the use after the launch),
+                // and partials holds MAX_PAIRS * blocks floats.
+                unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+            }
+            drop((reads, writes));
+            let mut out = losses.slice_mut(start..end);
+            let partials = partials.as_view();
+            let mut b = dev.stream.launch_builder(&finalize);
+            b.arg(&partials).arg(&blocks_i).arg(&chunk).arg(&d_i).arg(&stats).arg(&mut out);
+            // SAFETY: hidden_mse_finalize_f32's parameters; `out` holds this chunk's losses.
+            unsafe { b.launch(single(MAX_PAIRS as u32)) }.map_err(cuda_err)?;
+        }
+        Ok(())
+    })
 }
 
 /// One pair's loss, adding its gradient to `ds` when given.

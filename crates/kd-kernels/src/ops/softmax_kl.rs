@@ -7,9 +7,13 @@
 //! Entries that are `f32::MIN` (or `-inf`) in both rows, such as masked attention keys, have zero
 //! teacher probability and so contribute 0 to the loss and 0 to both gradients, at any
 //! temperature (`f32::MIN / T` overflows to `-inf` when T < 1, which the scan tolerates).
+use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
 use super::opt_rows_mut;
+use crate::cuda::{self, Module, OptionalArg};
+use crate::device::CudaDevice;
+use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
 /// Which divergence a row's loss is.
@@ -78,7 +82,9 @@ pub fn softmax_kl(
             softmax_kl_cpu(loss_rows.cpu_mut()?, ds, dt, student.cpu()?, teacher.cpu()?, w, c, spec);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            softmax_kl_cuda(&dev, loss_rows, dstudent, dteacher, student, teacher, row_weights, c, spec)
+        }
     }
 }
 
@@ -111,6 +117,49 @@ fn softmax_kl_cpu(
             }
         },
     );
+}
+
+/// `kernels/softmax_kl.cu`: the same scan per row, split over a team of threads (a few lanes of
+/// a warp for short rows, a block for vocabulary-wide ones) whose partial statistics merge
+/// exactly; one launch for the loss and both gradients.
+#[allow(clippy::too_many_arguments)]
+fn softmax_kl_cuda(
+    dev: &CudaDevice,
+    loss: &mut Tensor,
+    ds: Option<&mut Tensor>,
+    dt: Option<&mut Tensor>,
+    zs: &Tensor,
+    zt: &Tensor,
+    w: Option<&Tensor>,
+    c: usize,
+    spec: SoftmaxKl,
+) -> Result<()> {
+    const OP: &str = "softmax_kl";
+    let rows = loss.numel();
+    if rows == 0 {
+        return Ok(());
+    }
+    let (rows_i, c_i) = (cuda::int(OP, "rows", rows)?, cuda::int(OP, "C", c)?);
+    let form: i32 = match spec.form {
+        KlForm::Kl => 0,
+        KlForm::CrossEntropy => 1,
+    };
+    let inv_t = 1.0 / spec.temperature;
+    let (cfg, group) = cuda::row_launch(rows, c);
+    let name = if group.is_some() { "softmax_kl_f32_warp" } else { "softmax_kl_f32_block" };
+    let f = dev.function(Module::SoftmaxKl, name)?;
+    let (ds, dt) = (ds.map(cuda::slice_mut).transpose()?, dt.map(cuda::slice_mut).transpose()?);
+    let w = w.map(cuda::slice).transpose()?;
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(cuda::slice_mut(loss)?).opt_mut(ds).opt_mut(dt).arg(cuda::slice(zs)?).arg(cuda::slice(zt)?).opt(w);
+    b.arg(&rows_i).arg(&c_i).arg(&spec.temperature).arg(&inv_t).arg(&form).arg(&spec.grad_scale);
+    if let Some(group) = &group {
+        b.arg(group);
+    }
+    // SAFETY: the arguments follow the kernel's parameter list (KL_PARAMS, then `group` for the
+    // warp kernel); softmax_kl checked that every buffer holds rows * C (or rows) floats.
+    unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+    Ok(())
 }
 
 /// The one-pass statistics of a (student, teacher) row. Maxima are of the raw logits (T > 0

@@ -21,6 +21,7 @@
 use kd_model::bert::Bert;
 
 use crate::batching::{Encoded, EncodedSet, Targets};
+use crate::checkpoint::CheckpointConfig;
 use crate::methods::ce::Ce;
 use crate::methods::kd::Kd;
 use crate::methods::teacher::CachedLogits;
@@ -39,7 +40,9 @@ pub struct PeerAdvisedConfig {
     pub keep: f64,
     /// The probe S0's run.
     pub probe: TrainConfig,
-    /// The peer S1's and the final student S2's runs.
+    /// The peer S1's and the final student S2's runs. A checkpoint directory is shared by the
+    /// three runs, each in its own sub-directory (`probe`, `peer`, `student`), so a resumed
+    /// pipeline skips the stages already finished.
     pub train: TrainConfig,
 }
 
@@ -82,8 +85,10 @@ pub fn peer_advised(
     kept_count(items.len(), cfg.keep)?;
     let mut reports = Vec::new();
     let mut fit = |stage: &'static str, rows: &[usize], labels: &PseudoLabels, cfg: &TrainConfig| -> Result<Bert> {
+        let checkpoint = cfg.checkpoint.as_ref().map(|c| CheckpointConfig { dir: c.dir.join(stage), ..c.clone() });
+        let cfg = TrainConfig { checkpoint, ..cfg.clone() };
         let mut student = new_student()?;
-        let report = fit_labels(&mut student, rows, items, labels, dev, cfg, &mut |e| observer(stage, e))?;
+        let report = fit_labels(&mut student, rows, items, labels, dev, &cfg, &mut |e| observer(stage, e))?;
         reports.push((stage, report));
         Ok(student)
     };

@@ -1,6 +1,11 @@
 //! The teacher side of distillation: a frozen model run on the student's batch, or its logits
 //! computed once for a whole training set and reused across epochs (the teacher cache).
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use kd_kernels::io::{read_safetensors, write_safetensors, HostArray};
+use kd_kernels::rng::mix64;
 use kd_kernels::Tensor;
 use kd_model::bert::{Activations, Bert, ForwardMode};
 
@@ -68,9 +73,44 @@ pub struct CachedLogits {
     rows: Vec<Vec<f32>>,
 }
 
+/// A 64-bit fingerprint of everything the teacher's logits depend on: its weights and the
+/// token ids of the set (which carry the tokenizer and its truncation settings).
+fn fingerprint(teacher: &Bert, set: &EncodedSet) -> Result<u64> {
+    let mut h = 0x6b64_7465_6163_6865u64;
+    let mut eat = |v: u64| h = mix64(h ^ v);
+    teacher.weights.try_visit(&mut |name: &str, t: &Tensor| -> Result<()> {
+        name.bytes().for_each(|b| eat(b as u64));
+        t.to_vec()?.iter().for_each(|v| eat(v.to_bits() as u64));
+        Ok(())
+    })?;
+    for e in &set.items {
+        eat(e.ids.len() as u64);
+        e.ids.iter().chain(&e.type_ids).for_each(|&i| eat(i as u64));
+    }
+    Ok(h)
+}
+
 impl CachedLogits {
     pub fn build(teacher: &Bert, set: &EncodedSet, batch_size: usize) -> Result<Self> {
         Ok(CachedLogits { rows: predict(teacher, set, batch_size)? })
+    }
+
+    /// As [`CachedLogits::build`], reusing `dir/teacher-logits-<fingerprint>.safetensors`
+    /// when an earlier run computed the same logits, and writing it (atomically) otherwise.
+    pub fn build_or_load(teacher: &Bert, set: &EncodedSet, batch_size: usize, dir: &Path) -> Result<Self> {
+        let path = dir.join(format!("teacher-logits-{:016x}.safetensors", fingerprint(teacher, set)?));
+        if path.exists() {
+            let arrays = read_safetensors(&path)?;
+            let a =
+                arrays.get("logits").ok_or_else(|| Error::Config(format!("{}: no 'logits' tensor", path.display())))?;
+            let c = a.shape[1];
+            return Ok(CachedLogits { rows: a.data.chunks(c).map(<[f32]>::to_vec).collect() });
+        }
+        let cache = Self::build(teacher, set, batch_size)?;
+        let c = cache.rows.first().map_or(0, Vec::len);
+        let array = HostArray { shape: vec![cache.rows.len(), c], data: cache.rows.concat() };
+        write_safetensors(&path, &BTreeMap::from([("logits".to_string(), array)]), None)?;
+        Ok(cache)
     }
 
     pub fn rows(&self) -> &[Vec<f32>] {
@@ -88,5 +128,34 @@ impl TeacherLogits for CachedLogits {
         let c = self.rows.first().map_or(0, Vec::len);
         let data: Vec<f32> = input.indices.iter().flat_map(|&i| self.rows[i].iter().copied()).collect();
         Ok(Tensor::from_vec(data, &[input.indices.len(), c], &input.batch.mask.device())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kd_kernels::Device;
+    use kd_model::{BertConfig, BertWeights};
+
+    use super::*;
+    use crate::demo::synthetic_set;
+
+    #[test]
+    fn logit_cache_is_reused_only_for_the_same_teacher_and_data() {
+        let config: BertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32, "max_position_embeddings": 32
+        }))
+        .unwrap();
+        let teacher = Bert::new(config.clone(), BertWeights::init(&config, 2, 1, &Device::Cpu).unwrap());
+        let other = Bert::new(config.clone(), BertWeights::init(&config, 2, 2, &Device::Cpu).unwrap());
+        let set = synthetic_set(20, &mut kd_kernels::rng::Rng::new(3));
+        let dir = std::env::temp_dir().join(format!("kd-cache-test-{}", std::process::id()));
+        let first = CachedLogits::build_or_load(&teacher, &set, 8, &dir).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        let again = CachedLogits::build_or_load(&teacher, &set, 8, &dir).unwrap();
+        assert_eq!(first.rows(), again.rows());
+        CachedLogits::build_or_load(&other, &set, 8, &dir).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2, "another teacher gets its own file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

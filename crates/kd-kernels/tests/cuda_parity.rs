@@ -1,0 +1,265 @@
+//! CUDA parity: each op family with a CUDA kernel runs on the same random inputs on the CPU and
+//! on GPU 0, and every output is compared. Without a GPU each test prints
+//! "skipped: no CUDA device (<reason>)" and passes; set KD_REQUIRE_CUDA=1 (on a GPU machine) to
+//! turn that skip into a failure.
+//!
+//! Tolerance: `|gpu - cpu| <= rtol * (|cpu| + max |cpu|)`, i.e. relative to the element or to
+//! the tensor's scale, with rtol 1e-5. The exception is a reduction over a vocabulary-wide row
+//! (C = 30,522): the CPU's sequential f32 sums there are themselves off by up to 6e-5 against
+//! float64 (measured), while the GPU sums in a tree, so those rows are compared at 1e-4.
+mod common;
+
+use common::randn;
+use kd_kernels::ops::attention::{attention_backward, attention_forward};
+use kd_kernels::ops::cross_entropy::{cross_entropy, mse_loss, Targets};
+use kd_kernels::ops::hidden_mse::hidden_mse;
+use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, SoftmaxKl};
+use kd_kernels::rng::Rng;
+use kd_kernels::{Device, IdTensor, Tensor};
+
+const RTOL: f64 = 1e-5;
+const WIDE_ROW_RTOL: f64 = 1e-4;
+
+fn gpu() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(std::env::var_os("KD_REQUIRE_CUDA").is_none(), "KD_REQUIRE_CUDA is set, but: {e}");
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn t(data: &[f32], shape: &[usize], dev: &Device) -> Tensor {
+    Tensor::from_slice(data, shape, dev).unwrap()
+}
+
+fn host(x: &Tensor) -> Vec<f32> {
+    x.to_vec().unwrap()
+}
+
+fn assert_parity(what: &str, gpu: &[f32], cpu: &[f32], rtol: f64) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    let scale = cpu.iter().filter(|c| c.is_finite()).fold(0.0f64, |m, &c| m.max((c as f64).abs()));
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        if c.is_nan() || !c.is_finite() {
+            assert!(g.to_bits() == c.to_bits() || (g.is_nan() && c.is_nan()), "{what}[{i}]: gpu {g}, cpu {c}");
+            continue;
+        }
+        let err = (g as f64 - c as f64).abs();
+        assert!(err <= rtol * ((c as f64).abs() + scale), "{what}[{i}]: gpu {g}, cpu {c} (err {err:e})");
+    }
+}
+
+/// Runs `op` on the CPU and on `gpu` and compares the named outputs it returns.
+fn parity(gpu: &Device, what: &str, rtol: f64, op: impl Fn(&Device) -> Vec<(&'static str, Vec<f32>)>) {
+    let (cpu_out, gpu_out) = (op(&Device::Cpu), op(gpu));
+    for ((name, c), (_, g)) in cpu_out.iter().zip(&gpu_out) {
+        assert_parity(&format!("{what}: {name}"), g, c, rtol);
+    }
+}
+
+#[test]
+fn softmax_kl_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    // Group sizes 4 and 32 (two lanes' worth per lane), a warp's maximum, C = 1, and the block
+    // kernel just past the warp limit and at the BERT vocabulary.
+    for (case, &(rows, c)) in [(37, 3), (19, 33), (8, 1024), (5, 1), (2, 1025), (3, 30_522)].iter().enumerate() {
+        let (mut zs, mut zt) = (randn(&mut rng, rows * c, 3.0), randn(&mut rng, rows * c, 3.0));
+        // Masked entries (f32::MIN in both rows), and a fully masked last row.
+        for i in 0..rows * c {
+            if (c > 1 && rng.uniform() < 0.2) || (rows > 1 && i >= (rows - 1) * c) {
+                (zs[i], zt[i]) = (f32::MIN, f32::MIN);
+            }
+        }
+        let w: Vec<f32> = (0..rows).map(|r| if r == 1 { 0.0 } else { rng.uniform() as f32 + 0.5 }).collect();
+        let init = randn(&mut rng, rows * c, 1.0);
+        let rtol = if c > 1024 { WIDE_ROW_RTOL } else { RTOL };
+        // Even cases: both gradients and row weights; odd cases: dstudent only, no weights.
+        let full = case % 2 == 0;
+        for form in [KlForm::Kl, KlForm::CrossEntropy] {
+            for temperature in [2.0, 0.5] {
+                let spec = SoftmaxKl { temperature, form, grad_scale: 0.7 };
+                parity(&gpu, &format!("softmax_kl [{rows}, {c}] {form:?} T={temperature}"), rtol, |dev| {
+                    let shape = [rows, c];
+                    let mut loss = Tensor::zeros(&[rows], dev).unwrap();
+                    let (mut ds, mut dt) = (t(&init, &shape, dev), t(&init, &shape, dev));
+                    let w = full.then(|| t(&w, &[rows], dev));
+                    let (s, te) = (t(&zs, &shape, dev), t(&zt, &shape, dev));
+                    softmax_kl(&mut loss, Some(&mut ds), full.then_some(&mut dt), &s, &te, w.as_ref(), spec).unwrap();
+                    vec![("loss", host(&loss)), ("dstudent", host(&ds)), ("dteacher", host(&dt))]
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn hidden_mse_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(12);
+    // (pairs, N, D, share of real tokens): 33 pairs take two launches; the last case is all padding.
+    for &(pairs, n, d, real) in &[(3, 37, 48, 0.7), (33, 5, 7, 0.6), (6, 512, 384, 0.8), (2, 6, 16, 0.0)] {
+        let mut mask: Vec<f32> = (0..n).map(|_| f32::from(rng.uniform() < real)).collect();
+        if real > 0.0 {
+            mask[0] = 1.0;
+        }
+        let students: Vec<Vec<f32>> = (0..pairs).map(|_| randn(&mut rng, n * d, 1.0)).collect();
+        let teachers: Vec<Vec<f32>> = (0..pairs).map(|_| randn(&mut rng, n * d, 1.0)).collect();
+        let init: Vec<Vec<f32>> = (0..pairs).map(|_| randn(&mut rng, n * d, 1.0)).collect();
+        for with_grads in [true, false] {
+            parity(&gpu, &format!("hidden_mse {pairs} x [{n}, {d}] grads={with_grads}"), RTOL, |dev| {
+                let s: Vec<Tensor> = students.iter().map(|x| t(x, &[n, d], dev)).collect();
+                let te: Vec<Tensor> = teachers.iter().map(|x| t(x, &[n, d], dev)).collect();
+                let mut g: Vec<Tensor> = init.iter().map(|x| t(x, &[n, d], dev)).collect();
+                let mut losses = Tensor::zeros(&[pairs], dev).unwrap();
+                let mut grads: Vec<&mut Tensor> = if with_grads { g.iter_mut().collect() } else { Vec::new() };
+                let (s, te): (Vec<&Tensor>, Vec<&Tensor>) = (s.iter().collect(), te.iter().collect());
+                hidden_mse(&mut losses, &mut grads, &s, &te, &t(&mask, &[n], dev), 0.9).unwrap();
+                let all_grads = g.iter().flat_map(host).collect();
+                vec![("losses", host(&losses)), ("dstudents", all_grads)]
+            });
+        }
+    }
+}
+
+/// Where the CPU rejects a mask value other than 0 or 1, the GPU (which would need a
+/// synchronising copy to find it) returns NaN losses and leaves the gradients alone.
+#[test]
+fn hidden_mse_bad_mask_on_gpu_is_nan_without_gradient() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(13);
+    let (n, d) = (9, 5);
+    let (s, te, init) = (randn(&mut rng, n * d, 1.0), randn(&mut rng, n * d, 1.0), randn(&mut rng, n * d, 1.0));
+    let mut mask = vec![1.0; n];
+    mask[4] = 0.5;
+    let mut losses = Tensor::zeros(&[1], &gpu).unwrap();
+    let mut g = t(&init, &[n, d], &gpu);
+    let (s, te) = (t(&s, &[n, d], &gpu), t(&te, &[n, d], &gpu));
+    hidden_mse(&mut losses, &mut [&mut g], &[&s], &[&te], &t(&mask, &[n], &gpu), 1.0).unwrap();
+    assert!(host(&losses)[0].is_nan());
+    assert_eq!(host(&g), init);
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(14);
+    // (B, L, H, Dh, real tokens per example): padding, an example with no real token (uniform
+    // rows), a partial query tile (L = 37) and the longest supported sequence.
+    let cases: [(usize, usize, usize, usize, &[usize]); 3] =
+        [(3, 128, 4, 32, &[128, 77, 0]), (2, 37, 2, 64, &[37, 20]), (1, 512, 2, 64, &[400])];
+    for (case, &(b, l, h, dh, real)) in cases.iter().enumerate() {
+        let x = [b, l, h * dh];
+        let maps = [b, h, l, l];
+        let n = b * l * h * dh;
+        let (q, k, v, dout) =
+            (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+        let mask: Vec<f32> = (0..b * l).map(|i| f32::from(i % l < real[i / l])).collect();
+        let init = randn(&mut rng, n, 1.0);
+        let extra = (case != 1).then(|| randn(&mut rng, b * h * l * l, 0.1));
+        parity(&gpu, &format!("attention B={b} L={l} H={h} Dh={dh}"), RTOL, |dev| {
+            let (q, k, v, mask) = (t(&q, &x, dev), t(&k, &x, dev), t(&v, &x, dev), t(&mask, &[b, l], dev));
+            let mut out = Tensor::zeros(&x, dev).unwrap();
+            let (mut probs, mut scores) = (Tensor::zeros(&maps, dev).unwrap(), Tensor::zeros(&maps, dev).unwrap());
+            attention_forward(&mut out, &mut probs, Some(&mut scores), &q, &k, &v, &mask, None).unwrap();
+            let (mut dq, mut dk, mut dv) = (t(&init, &x, dev), t(&init, &x, dev), t(&init, &x, dev));
+            let extra = extra.as_ref().map(|e| t(e, &maps, dev));
+            attention_backward(&mut dq, &mut dk, &mut dv, &t(&dout, &x, dev), &q, &k, &v, &probs, extra.as_ref(), None)
+                .unwrap();
+            vec![
+                ("out", host(&out)),
+                ("probs", host(&probs)),
+                ("scores", host(&scores)),
+                ("dq", host(&dq)),
+                ("dk", host(&dk)),
+                ("dv", host(&dv)),
+            ]
+        });
+    }
+}
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(15);
+    for &(n, c) in &[(41, 3), (9, 1), (17, 1024), (6, 30_522)] {
+        let mut z = randn(&mut rng, n * c, 3.0);
+        let labels: Vec<u32> = (0..n).map(|_| rng.below(c) as u32).collect();
+        // Soft targets that need not sum to one, with zeros; some zero-target logits are -inf.
+        let soft: Vec<f32> = (0..n * c).map(|_| if rng.uniform() < 0.3 { 0.0 } else { rng.uniform() as f32 }).collect();
+        for (i, y) in soft.iter().enumerate() {
+            if *y == 0.0 && rng.uniform() < 0.3 && labels[i / c] as usize != i % c {
+                z[i] = f32::NEG_INFINITY;
+            }
+        }
+        let w: Vec<f32> = (0..n).map(|i| if i == 2 { 0.0 } else { rng.uniform() as f32 }).collect();
+        let init = randn(&mut rng, n * c, 1.0);
+        let rtol = if c > 1024 { WIDE_ROW_RTOL } else { RTOL };
+        for (hard, weighted) in [(true, true), (false, true), (true, false), (false, false)] {
+            parity(&gpu, &format!("cross_entropy [{n}, {c}] hard={hard} weighted={weighted}"), rtol, |dev| {
+                let mut loss = Tensor::zeros(&[n], dev).unwrap();
+                let mut dz = t(&init, &[n, c], dev);
+                let ids = IdTensor::from_vec(labels.clone(), &[n], dev).unwrap();
+                let y = t(&soft, &[n, c], dev);
+                let targets = if hard { Targets::Hard(&ids) } else { Targets::Soft(&y) };
+                let w = weighted.then(|| t(&w, &[n], dev));
+                cross_entropy(&mut loss, Some(&mut dz), &t(&z, &[n, c], dev), targets, w.as_ref(), 0.8).unwrap();
+                vec![("loss", host(&loss)), ("dlogits", host(&dz))]
+            });
+        }
+    }
+}
+
+/// Where the CPU rejects a label >= C, the GPU gives that row a NaN loss and no gradient.
+#[test]
+fn cross_entropy_bad_label_on_gpu_is_nan_without_gradient() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(16);
+    let (n, c) = (4, 5);
+    let (z, init) = (randn(&mut rng, n * c, 1.0), randn(&mut rng, n * c, 1.0));
+    let mut loss = Tensor::zeros(&[n], &gpu).unwrap();
+    let mut dz = t(&init, &[n, c], &gpu);
+    let ids = IdTensor::from_vec(vec![0, 9, 2, 4], &[n], &gpu).unwrap();
+    cross_entropy(&mut loss, Some(&mut dz), &t(&z, &[n, c], &gpu), Targets::Hard(&ids), None, 1.0).unwrap();
+    let (loss, dz) = (host(&loss), host(&dz));
+    assert!(loss[1].is_nan() && loss.iter().enumerate().all(|(i, l)| i == 1 || l.is_finite()));
+    assert_eq!(&dz[c..2 * c], &init[c..2 * c]);
+    assert_ne!(&dz[..c], &init[..c]);
+}
+
+#[test]
+fn mse_loss_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(17);
+    let n = 333;
+    let (pred, target, init) = (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+    let w: Vec<f32> = (0..n).map(|i| if i % 7 == 0 { 0.0 } else { rng.uniform() as f32 }).collect();
+    for weighted in [true, false] {
+        parity(&gpu, &format!("mse_loss weighted={weighted}"), RTOL, |dev| {
+            let mut loss = Tensor::zeros(&[n], dev).unwrap();
+            let mut dp = t(&init, &[n, 1], dev);
+            let w = weighted.then(|| t(&w, &[n], dev));
+            mse_loss(&mut loss, Some(&mut dp), &t(&pred, &[n, 1], dev), &t(&target, &[n], dev), w.as_ref(), 1.5)
+                .unwrap();
+            vec![("loss", host(&loss)), ("dpred", host(&dp))]
+        });
+    }
+}
+
+/// `--device cuda` on a machine without a driver (or past its last GPU) is an error with a
+/// one-line message, never a panic.
+#[test]
+fn cuda_device_without_driver_is_a_one_line_error() {
+    match Device::parse("cuda") {
+        Ok(d) => eprintln!("a GPU is present ({d}); checking only the missing-ordinal case"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(!msg.is_empty() && !msg.contains('\n'), "message: {msg:?}");
+        }
+    }
+    let msg = Device::parse("cuda:4096").unwrap_err().to_string();
+    assert!(msg.starts_with("CUDA unavailable") && !msg.contains('\n'), "message: {msg:?}");
+}
