@@ -9,6 +9,7 @@ pub mod losses;
 pub mod methods;
 pub mod metrics;
 pub mod noise;
+pub mod pseudo;
 pub mod task;
 pub mod trainer;
 

@@ -396,7 +396,7 @@ fn the_student_kept_is_the_better_on_dev() {
     let mut dev = encode(&synthetic(40, 9));
     let (a, b) = (bert(1, 0.0), bert(2, 0.0));
     let argmaxes = |m: &Bert| -> Vec<u32> {
-        predict(m, &dev, 16).unwrap().iter().map(|r| kd_methods::trainer::argmax(r) as u32).collect()
+        predict(m, &dev.items, 16).unwrap().iter().map(|r| kd_methods::trainer::argmax(r) as u32).collect()
     };
     let (pa, pb) = (argmaxes(&a), argmaxes(&b));
     assert_ne!(pa, pb, "the two random students must disagree somewhere");

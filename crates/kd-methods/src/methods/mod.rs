@@ -5,4 +5,5 @@ pub mod ild;
 pub mod kd;
 pub mod noisy_coteach;
 pub mod noisy_relabel;
+pub mod peer_advised;
 pub mod teacher;

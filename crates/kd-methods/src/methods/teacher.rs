@@ -116,6 +116,11 @@ impl CachedLogits {
     pub fn rows(&self) -> &[Vec<f32>] {
         &self.rows
     }
+
+    /// Logits from elsewhere (a file of soft labels: log-probabilities serve as logits).
+    pub fn from_rows(rows: Vec<Vec<f32>>) -> Self {
+        CachedLogits { rows }
+    }
 }
 
 impl TeacherLogits for CachedLogits {
