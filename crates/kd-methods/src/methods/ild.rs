@@ -26,7 +26,7 @@ pub struct LayerMap {
 impl LayerMap {
     /// Uniform mapping of every student layer, or of the last one only.
     pub fn uniform(student_layers: usize, teacher_layers: usize, last_layer: bool) -> Result<LayerMap> {
-        if student_layers == 0 || teacher_layers % student_layers != 0 {
+        if student_layers == 0 || !teacher_layers.is_multiple_of(student_layers) {
             return Err(Error::Config(format!(
                 "cannot map {student_layers} student layers uniformly onto {teacher_layers} teacher layers"
             )));
