@@ -6,6 +6,7 @@
 pub mod bert;
 pub mod config;
 pub mod error;
+pub mod mlm;
 pub mod optim;
 pub mod testing;
 pub mod tokenizer;

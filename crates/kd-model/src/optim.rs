@@ -8,6 +8,34 @@ use kd_kernels::Tensor;
 use crate::weights::BertWeights;
 use crate::{Error, Result};
 
+/// A set of parameters the optimiser can step: a whole model, or a part trained alone (the
+/// MLM head on a frozen encoder). Walks are in a fixed order, so parameters, gradients and
+/// moments of equal structure line up; the HF names decide weight decay.
+pub trait Params: Sized {
+    /// Every parameter with its HF name, in the walk order.
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+    /// Zero tensors of the same structure and device (gradients, moments).
+    fn zeros_like(&self) -> Result<Self>;
+
+    /// Sets every tensor to zero (gradient buffers, once per step).
+    fn zero(&mut self) -> Result<()> {
+        for (_, t) in self.params_mut() {
+            t.fill(0.0)?;
+        }
+        Ok(())
+    }
+}
+
+impl Params for BertWeights {
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        BertWeights::params_mut(self)
+    }
+
+    fn zeros_like(&self) -> Result<Self> {
+        BertWeights::zeros_like(self)
+    }
+}
+
 /// `get_linear_schedule_with_warmup`: the multiplier of the base learning rate at 0-based step
 /// `step` rises linearly over `warmup` steps, then falls linearly to 0 at `total`.
 #[derive(Clone, Copy, Debug)]
@@ -39,17 +67,17 @@ pub struct OptimizerConfig {
     pub schedule: LinearSchedule,
 }
 
-/// AdamW moments for every parameter of a model, and the step count.
-pub struct Optimizer {
+/// AdamW moments for every parameter of a model (or of another [`Params`] set), and the step count.
+pub struct Optimizer<P = BertWeights> {
     pub config: OptimizerConfig,
-    pub m: BertWeights,
-    pub v: BertWeights,
+    pub m: P,
+    pub v: P,
     /// Number of updates done so far.
     pub step: u64,
 }
 
-impl Optimizer {
-    pub fn new(config: OptimizerConfig, weights: &BertWeights) -> Result<Self> {
+impl<P: Params> Optimizer<P> {
+    pub fn new(config: OptimizerConfig, weights: &P) -> Result<Self> {
         Ok(Optimizer { config, m: weights.zeros_like()?, v: weights.zeros_like()?, step: 0 })
     }
 
@@ -60,7 +88,7 @@ impl Optimizer {
 
     /// Clips `grads`, applies one AdamW update to `weights` and returns the pre-clip gradient
     /// norm. A non-finite norm is an error and leaves the weights untouched.
-    pub fn update(&mut self, weights: &mut BertWeights, grads: &mut BertWeights) -> Result<f32> {
+    pub fn update(&mut self, weights: &mut P, grads: &mut P) -> Result<f32> {
         let mut g: Vec<(String, &mut Tensor)> = grads.params_mut();
         let norm = {
             let mut refs: Vec<&mut Tensor> = g.iter_mut().map(|(_, t)| &mut **t).collect();

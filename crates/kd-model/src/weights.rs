@@ -81,9 +81,9 @@ const OUTPUT: &str = "output.dense";
 const OUTPUT_LAYER_NORM: &str = "output.LayerNorm";
 const POOLER: &str = "bert.pooler.dense";
 const CLASSIFIER: &str = "classifier";
-const MLM_TRANSFORM: &str = "cls.predictions.transform.dense";
-const MLM_LAYER_NORM: &str = "cls.predictions.transform.LayerNorm";
-const MLM_BIAS: &str = "cls.predictions.bias";
+pub(crate) const MLM_TRANSFORM: &str = "cls.predictions.transform.dense";
+pub(crate) const MLM_LAYER_NORM: &str = "cls.predictions.transform.LayerNorm";
+pub(crate) const MLM_BIAS: &str = "cls.predictions.bias";
 const MLM_DECODER_WEIGHT: &str = "cls.predictions.decoder.weight";
 const MLM_DECODER_BIAS: &str = "cls.predictions.decoder.bias";
 
