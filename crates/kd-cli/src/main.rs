@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod args;
+mod demo;
+mod distill;
 mod eval;
 mod finetune;
 mod model;
@@ -20,7 +22,7 @@ mod session;
 #[command(
     name = "kd-cli",
     version,
-    about = "Knowledge distillation for BERT-family encoders: fine-tune, evaluate, predict.",
+    about = "Knowledge distillation for BERT-family encoders: distil, fine-tune, evaluate, predict.",
     arg_required_else_help = true
 )]
 struct Cli {
@@ -30,6 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Distil a teacher into a student with a KD method (no arguments: the built-in demo).
+    Distill(Box<distill::Args>),
     /// Fine-tune a model on a task's labels and save it as an HF model folder.
     Finetune(finetune::Args),
     /// Evaluate a fine-tuned model on a labelled split.
@@ -41,6 +45,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Distill(a) => distill::run(*a),
         Command::Finetune(a) => finetune::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),

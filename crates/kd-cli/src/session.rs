@@ -119,8 +119,22 @@ impl Session {
         objective: &mut dyn Objective,
         cfg: &TrainConfig,
     ) -> Result<TrainReport> {
-        let steps_per_epoch = train_set.items.len().div_ceil(cfg.batch_size) as u64;
-        let bar = progress_bar(steps_per_epoch * cfg.epochs as u64, stage)?;
+        let steps = train_set.items.len().div_ceil(cfg.batch_size) as u64 * cfg.epochs as u64;
+        self.run(stage, steps, cfg.epochs, |observer| Ok(train(bert, train_set, dev, objective, cfg, observer)?))
+    }
+
+    /// Runs a training loop of `steps` steps over `epochs` epochs that reports through an
+    /// observer (methods with loops of their own, like MATE-KD), with the same progress, log
+    /// and best-model saving as [`Session::train`].
+    pub fn run(
+        &mut self,
+        stage: &str,
+        steps: u64,
+        epochs: usize,
+        body: impl FnOnce(&mut dyn FnMut(Event)) -> Result<TrainReport>,
+    ) -> Result<TrainReport> {
+        let steps_per_epoch = (steps / epochs.max(1) as u64).max(1);
+        let bar = progress_bar(steps, stage)?;
         let best_dir = self.out.join("best");
         let tokenizer = self.tokenizer_json.clone();
         let mut save_error: Option<anyhow::Error> = None;
@@ -146,12 +160,12 @@ impl Session {
             }
             Event::Resumed { step } => bar.suspend(|| eprintln!("{stage}: resumed after step {step}")),
         };
-        let report = train(bert, train_set, dev, objective, cfg, &mut observer);
+        let report = body(&mut observer);
         bar.finish_and_clear();
         if let Some(e) = save_error {
             return Err(e);
         }
-        Ok(report?)
+        report
     }
 
     /// Records a final evaluation that the trainer did not make (e.g. on the training set).

@@ -6,6 +6,7 @@
 
 use kd_kernels::rng::Rng;
 
+use crate::batching::Targets;
 use crate::data::{Dataset, Label};
 use crate::{Error, Result};
 
@@ -27,38 +28,74 @@ pub struct Noisy {
 /// Corrupts the class labels of `dataset` (regression and unlabelled rows are left alone).
 pub fn inject(dataset: &Dataset, model: &NoiseModel, seed: u64) -> Result<Noisy> {
     let classes = dataset.label_names.len();
-    if classes < 2 {
-        return Err(Error::Invalid(format!(
-            "label noise needs a classification task; {} has {classes} classes",
-            dataset.source.display()
-        )));
-    }
-    match model {
-        NoiseModel::Symmetric { rate } if !(0.0..=1.0).contains(rate) => {
-            return Err(Error::Invalid(format!("noise rate {rate} is not in [0, 1]")))
-        }
-        NoiseModel::Transition(m) => {
-            let bad_row = m.iter().position(|row| {
-                row.len() != classes || (row.iter().sum::<f64>() - 1.0).abs() > 1e-6 || row.iter().any(|&p| p < 0.0)
-            });
-            if m.len() != classes || bad_row.is_some() {
-                return Err(Error::Invalid(format!(
-                    "the transition matrix must be {classes}x{classes} with rows of non-negative probabilities summing to 1 (row {:?} is not)",
-                    bad_row
-                )));
-            }
-        }
-        NoiseModel::Symmetric { .. } => {}
-    }
-    let mut rng = Rng::new(seed);
+    let mut corrupt = Corrupter::new(model, classes, seed)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", dataset.source.display())))?;
     let mut out = dataset.clone();
     let mut flipped = Vec::new();
     for (i, ex) in out.examples.iter_mut().enumerate() {
         let Label::Class(y) = ex.label else { continue };
-        let noisy = match model {
+        let noisy = corrupt.draw(y);
+        if noisy != y {
+            ex.label = Label::Class(noisy);
+            flipped.push(i);
+        }
+    }
+    Ok(Noisy { dataset: out, flipped })
+}
+
+/// As [`inject`], on the class ids of an encoded set; returns the flipped rows.
+pub fn inject_targets(targets: &mut Targets, classes: usize, model: &NoiseModel, seed: u64) -> Result<Vec<usize>> {
+    let Targets::Classes(labels) = targets else {
+        return Err(Error::Invalid("label noise needs a classification task, not regression".into()));
+    };
+    let mut corrupt = Corrupter::new(model, classes, seed).map_err(Error::Invalid)?;
+    let mut flipped = Vec::new();
+    for (i, y) in labels.iter_mut().enumerate() {
+        let noisy = corrupt.draw(*y as usize) as u32;
+        if noisy != *y {
+            *y = noisy;
+            flipped.push(i);
+        }
+    }
+    Ok(flipped)
+}
+
+/// Draws noisy labels one example at a time, in order, from one seeded stream.
+struct Corrupter<'m> {
+    model: &'m NoiseModel,
+    classes: usize,
+    rng: Rng,
+}
+
+impl<'m> Corrupter<'m> {
+    fn new(model: &'m NoiseModel, classes: usize, seed: u64) -> std::result::Result<Self, String> {
+        if classes < 2 {
+            return Err(format!("label noise needs a classification task; this one has {classes} classes"));
+        }
+        match model {
+            NoiseModel::Symmetric { rate } if !(0.0..=1.0).contains(rate) => {
+                return Err(format!("noise rate {rate} is not in [0, 1]"))
+            }
+            NoiseModel::Transition(m) => {
+                let bad_row = m.iter().position(|row| {
+                    row.len() != classes || (row.iter().sum::<f64>() - 1.0).abs() > 1e-6 || row.iter().any(|&p| p < 0.0)
+                });
+                if m.len() != classes || bad_row.is_some() {
+                    return Err(format!(
+                        "the transition matrix must be {classes}x{classes} with rows of non-negative probabilities summing to 1 (row {bad_row:?} is not)"
+                    ));
+                }
+            }
+            NoiseModel::Symmetric { .. } => {}
+        }
+        Ok(Corrupter { model, classes, rng: Rng::new(seed) })
+    }
+
+    fn draw(&mut self, y: usize) -> usize {
+        match self.model {
             NoiseModel::Symmetric { rate } => {
-                if rng.uniform() < *rate {
-                    let other = rng.below(classes - 1);
+                if self.rng.uniform() < *rate {
+                    let other = self.rng.below(self.classes - 1);
                     if other >= y {
                         other + 1
                     } else {
@@ -68,14 +105,9 @@ pub fn inject(dataset: &Dataset, model: &NoiseModel, seed: u64) -> Result<Noisy>
                     y
                 }
             }
-            NoiseModel::Transition(m) => sample(&m[y], rng.uniform()),
-        };
-        if noisy != y {
-            ex.label = Label::Class(noisy);
-            flipped.push(i);
+            NoiseModel::Transition(m) => sample(&m[y], self.rng.uniform()),
         }
     }
-    Ok(Noisy { dataset: out, flipped })
 }
 
 /// The index whose cumulative probability first exceeds `u`.

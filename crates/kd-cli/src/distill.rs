@@ -1,0 +1,390 @@
+//! `kd-cli distill`: train a student from a fine-tuned teacher with one of kd's methods, and
+//! save it as an HF folder. With no arguments it runs the built-in demonstration.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::ValueEnum;
+use kd_kernels::Device;
+use kd_methods::batching::{Encoded, EncodedSet, Targets};
+use kd_methods::methods::ce::Ce;
+use kd_methods::methods::cr_ild::{self, CrIldConfig, Stage1Objective};
+use kd_methods::methods::ild::Ild;
+use kd_methods::methods::kd::Kd;
+use kd_methods::methods::mate_kd::{self, MateKdConfig};
+use kd_methods::methods::noisy_coteach::{estimate_noise_rate, keep_better, CoTeach, CoTeachParams};
+use kd_methods::methods::noisy_relabel::{NoisyRelabel, RelabelParams};
+use kd_methods::methods::peer_advised::{peer_advised, PeerAdvisedConfig};
+use kd_methods::methods::teacher::{check_compatible, CachedLogits};
+use kd_methods::noise::{inject_targets, NoiseModel};
+use kd_methods::pseudo::{self, PseudoLabels};
+use kd_methods::trainer::{evaluate, TrainReport};
+use kd_model::bert::Bert;
+use kd_model::{BertConfig, BertWeights, Tokenizer};
+
+use crate::args::{device, report_skipped, DataArgs};
+use crate::finetune::with_head;
+use crate::model::{check_task, ModelDir};
+use crate::report::print_result;
+use crate::session::{Session, TrainArgs};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// The student on the labels alone (no teacher).
+    Ce,
+    /// Hinton et al. 2015: (1-a) CE + a T^2 KL on the logits.
+    Kd,
+    /// Intermediate-layer distillation (hidden MSE + attention KL), then logit KD.
+    Ild,
+    /// Two students that pick small-loss examples for each other under the KD loss.
+    NoisyCoteach,
+    /// KD whose hard-label term is weighted by the teacher's belief in the label.
+    NoisyRelabel,
+    /// CR-ILD (Ko et al. 2023): last-layer ILD on mixup with consistency, then logit KD.
+    CrIld,
+    /// MATE-KD (Rashid et al. 2021): an MLM generator perturbs text to maximise divergence.
+    MateKd,
+    /// Peer-advised KD (Zhao 2023): probe, keep the converged half, peer relabels the rest.
+    PeerAdvised,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(long, value_enum)]
+    method: Option<Method>,
+    /// The fine-tuned teacher (an HF folder with a classification head).
+    #[arg(long, value_name = "DIR")]
+    teacher: Option<PathBuf>,
+    /// The student to start from: an HF folder with the teacher's vocabulary.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["student_layers", "student_config"])]
+    student: Option<PathBuf>,
+    /// Build the student from these teacher layers, e.g. 0,2,4.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', conflicts_with = "student_config")]
+    student_layers: Option<Vec<usize>>,
+    /// Build a fresh student from this config.json (the teacher's vocabulary).
+    #[arg(long, value_name = "FILE")]
+    student_config: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Where the student (an HF folder), OUT/best and metrics.jsonl go.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Share of the soft (teacher) term in kd, noisy-coteach and noisy-relabel.
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f32,
+    /// Softmax temperature of the logit KD terms.
+    #[arg(long, default_value_t = 2.0)]
+    temperature: f32,
+    /// Flip each training label to another class with this probability (seeded by --noise-seed).
+    #[arg(long, value_name = "RATE")]
+    label_noise: Option<f64>,
+    /// Seed of --label-noise, independent of --seed so every run sees the same corrupted set.
+    #[arg(long, default_value_t = 0)]
+    noise_seed: u64,
+    /// ild: match only the last layer (L-ILD).
+    #[arg(long)]
+    last_layer: bool,
+    /// ild and cr-ild: epochs of the intermediate-layer stage (default: --epochs).
+    #[arg(long, value_name = "N")]
+    stage1_epochs: Option<usize>,
+    /// noisy-coteach: the noise rate r_est (default: the teacher's disagreement with the labels).
+    #[arg(long, value_name = "RATE")]
+    noise_rate: Option<f32>,
+    /// noisy-relabel: zero the hard-label weight where the teacher's belief is below this.
+    #[arg(long, value_name = "P")]
+    trust_threshold: Option<f32>,
+    /// cr-ild: `ah` (attention + hidden states) or `qkv` (relation KL).
+    #[arg(long, default_value = "ah")]
+    objective: String,
+    /// cr-ild: extra unlabelled text for stage 1, one text (or a tab-separated pair) a line.
+    #[arg(long, value_name = "FILE")]
+    supplementary: Option<PathBuf>,
+    /// mate-kd: the generator, an HF BertForMaskedLM folder with the teacher's vocabulary.
+    #[arg(long, value_name = "DIR")]
+    generator: Option<PathBuf>,
+    /// mate-kd: `ce` (the official code's cross-entropy form) or `kl`.
+    #[arg(long, default_value = "ce")]
+    divergence: String,
+    /// peer-advised: the teacher's labels as JSONL (hard or soft); default: the teacher's argmax.
+    #[arg(long, value_name = "FILE")]
+    labels_file: Option<PathBuf>,
+    /// peer-advised: the fraction of teacher labels kept.
+    #[arg(long, default_value_t = 0.5)]
+    keep: f64,
+    /// Cache of teacher logits, keyed by teacher weights and data (default ~/.cache/kd/teacher-logits).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Print the final result as one JSON object (the last line of stdout).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let Some(teacher_dir) = args.teacher.clone() else {
+        ensure!(args.method.is_none(), "--method needs --teacher DIR (or run `kd-cli distill` alone for the demo)");
+        return crate::demo::run(args.json);
+    };
+    let method = args.method.context("--method is required with --teacher")?;
+    let out = args.out.clone().context("--out DIR is required with --teacher")?;
+    args.train.check()?;
+    let device = device(&args.train.device)?;
+    let data = args.data.options(None)?;
+    let tdir = ModelDir::open(&teacher_dir)?;
+    tdir.check_max_len(data.max_len)?;
+    let teacher = tdir.classifier(&device)?;
+    check_task(&teacher, &data.source)?;
+    let mut task =
+        data.train_dev(&tdir.tokenizer, args.train.max_train, args.train.seed).context("loading the data")?;
+    report_skipped(&task.train.data);
+    if let Some(dev) = &task.dev {
+        report_skipped(&dev.data);
+    }
+    if let Some(rate) = args.label_noise {
+        let classes = task.label_names.len();
+        let flipped =
+            inject_targets(&mut task.train.set.targets, classes, &NoiseModel::Symmetric { rate }, args.noise_seed)?;
+        eprintln!("--label-noise {rate}: flipped {} of {} training labels", flipped.len(), task.train.set.items.len());
+    }
+    let metric = data.source.metric();
+    let dev = task.dev.as_ref().map(|d| &d.set);
+    let train = &task.train.set;
+    let build = StudentSpec { args: &args, teacher_dir: &tdir, device: &device, label_names: &task.label_names };
+    let mut student = build.student(args.train.seed)?;
+    check_compatible(&teacher, &student)?;
+    ensure!(
+        !(args.train.resume && method == Method::MateKd),
+        "--resume is not supported for mate-kd (its generator's state is not checkpointed)"
+    );
+    let mut session = Session::create(&out, &tdir.tokenizer_json, args.train.resume)?;
+    let epochs = args.train.epochs;
+    let cfg = |stage: &str, epochs: usize| args.train.config(epochs, metric, &session_state(&out, stage));
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let logits = |set: &EncodedSet| -> Result<CachedLogits> {
+        CachedLogits::build_or_load(&teacher, set, 128, &cache_dir).context("computing the teacher's logits")
+    };
+
+    let report: TrainReport = match method {
+        Method::Ce => session.train("ce", &mut student, train, dev, &mut Ce, &cfg("ce", epochs))?,
+        Method::Kd => {
+            let mut cache = logits(train)?;
+            let mut objective = Kd { teacher: &mut cache, alpha: args.alpha, temperature: args.temperature };
+            session.train("kd", &mut student, train, dev, &mut objective, &cfg("kd", epochs))?
+        }
+        Method::Ild => {
+            let mut stage1 = Ild::new(&teacher, &student, args.last_layer)?;
+            let e1 = args.stage1_epochs.unwrap_or(epochs);
+            session.train("ild", &mut student, train, None, &mut stage1, &cfg("ild", e1))?;
+            let mut cache = logits(train)?;
+            let mut objective = Kd { teacher: &mut cache, alpha: args.alpha, temperature: args.temperature };
+            session.train("kd", &mut student, train, dev, &mut objective, &cfg("kd", epochs))?
+        }
+        Method::NoisyRelabel => {
+            let mut cache = logits(train)?;
+            let params = RelabelParams {
+                alpha: args.alpha,
+                temperature: args.temperature,
+                trust_threshold: args.trust_threshold,
+            };
+            let mut objective = NoisyRelabel::new(&mut cache, params)?;
+            session.train("noisy-relabel", &mut student, train, dev, &mut objective, &cfg("noisy-relabel", epochs))?
+        }
+        Method::NoisyCoteach => {
+            let dev = dev.context("noisy-coteach keeps the student that is better on dev: it needs a dev set")?;
+            let mut cache = logits(train)?;
+            let r_est = match args.noise_rate {
+                Some(r) => r,
+                None => estimate_noise_rate(cache.rows(), &train.targets)?,
+            };
+            eprintln!("noisy-coteach: forget rate up to {r_est:.3}");
+            let peer_seed = args.train.seed.wrapping_add(1);
+            let peer = build.student(peer_seed)?;
+            let params = CoTeachParams {
+                alpha: args.alpha,
+                temperature: args.temperature,
+                ..CoTeachParams::new(r_est, peer_seed)
+            };
+            let stage_cfg = cfg("noisy-coteach", epochs);
+            let mut objective = CoTeach::new(&mut cache, peer, params, &stage_cfg, train.items.len())?;
+            let report = session.train("noisy-coteach", &mut student, train, Some(dev), &mut objective, &stage_cfg)?;
+            let kept = keep_better(student, objective.into_peer(), dev, args.train.batch, metric)?;
+            eprintln!(
+                "noisy-coteach: kept student {:?} (dev {:.4} vs {:.4})",
+                kept.which,
+                kept.dev_a.main(),
+                kept.dev_b.main()
+            );
+            student = kept.model;
+            TrainReport { final_metrics: Some(evaluate(&student, dev, args.train.batch, metric)?), ..report }
+        }
+        Method::CrIld => {
+            let objective: Stage1Objective = args.objective.parse()?;
+            let supplementary =
+                args.supplementary.as_deref().map(|p| read_text_lines(p, &tdir.tokenizer, data.max_len)).transpose()?;
+            let stage1_set = cr_ild::stage1_set(train, supplementary.as_ref());
+            let e1 = args.stage1_epochs.unwrap_or(epochs);
+            let mut stage1 =
+                cr_ild::stage1(&teacher, &student, CrIldConfig { objective, ..CrIldConfig::new(e1, args.train.seed) })?;
+            session.train("cr-ild", &mut student, &stage1_set, None, &mut stage1, &cfg("cr-ild", e1))?;
+            let mut cache = logits(train)?;
+            let mut stage2 = cr_ild::stage2(&mut cache);
+            session.train("kd", &mut student, train, dev, &mut stage2, &cfg("kd", epochs))?
+        }
+        Method::MateKd => {
+            let gdir =
+                args.generator.as_deref().context("mate-kd needs --generator DIR (see kd-cli train-generator)")?;
+            let gconfig = BertConfig::from_file(&gdir.join("config.json"))?;
+            let gweights = BertWeights::load(&gdir.join("model.safetensors"), &gconfig, &device)?;
+            let mut generator = Bert::new(gconfig, gweights);
+            let mut mate = MateKdConfig::new(token(&tdir.tokenizer, "[MASK]")?, special_ids(&tdir.tokenizer));
+            mate.divergence = match args.divergence.as_str() {
+                "ce" => kd_kernels::ops::softmax_kl::KlForm::CrossEntropy,
+                "kl" => kd_kernels::ops::softmax_kl::KlForm::Kl,
+                other => bail!("--divergence {other}: expected ce or kl"),
+            };
+            let stage_cfg = cfg("mate-kd", epochs);
+            let steps = train.items.len().div_ceil(args.train.batch) as u64 * epochs as u64;
+            session.run("mate-kd", steps, epochs, |observer| {
+                Ok(mate_kd::train(&mut student, &teacher, &mut generator, train, dev, &stage_cfg, &mate, observer)?)
+            })?
+        }
+        Method::PeerAdvised => {
+            let labels = match &args.labels_file {
+                Some(path) => pseudo::read_jsonl(path, &task.label_names, train.items.len())?,
+                None => PseudoLabels::from_logits(logits(train)?.rows(), false),
+            };
+            let pa_cfg = PeerAdvisedConfig { keep: args.keep, ..PeerAdvisedConfig::new(cfg("peer-advised", epochs)) };
+            let steps = train.items.len().div_ceil(args.train.batch) as u64 * (2 * epochs + pa_cfg.probe.epochs) as u64;
+            let mut new_student =
+                || build.student(args.train.seed).map_err(|e| kd_methods::Error::Config(format!("{e:#}")));
+            let mut result = None;
+            let report = session.run("peer-advised", steps, 2 * epochs + pa_cfg.probe.epochs, |observer| {
+                let out = peer_advised(&mut new_student, &train.items, &labels, dev, &pa_cfg, &mut |_, e| observer(e))?;
+                let report = out.reports.last().map(|(_, r)| r.clone()).context("peer-advised ran no stage")?;
+                result = Some(out);
+                Ok(report)
+            })?;
+            let out = result.context("peer-advised returned nothing")?;
+            eprintln!(
+                "peer-advised: kept {} teacher labels, the peer relabelled {}",
+                out.kept.len(),
+                out.relabelled.len()
+            );
+            student = out.student;
+            report
+        }
+    };
+
+    let (split, examples, metrics) = match (dev, report.final_metrics.clone()) {
+        (Some(dev), Some(m)) => ("dev", dev.items.len(), m),
+        _ => ("train", train.items.len(), evaluate(&student, train, args.train.batch, metric)?),
+    };
+    session.finish(&student)?;
+    if !args.json {
+        crate::print_line(&format!(
+            "{} student: {} parameters, {} steps in {:.1} s; saved to {}",
+            method.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
+            student.weights.num_params(),
+            report.steps,
+            report.seconds,
+            out.display()
+        ))?;
+    }
+    print_result(
+        args.json,
+        &data.source.name(kd_methods::data::Split::Train),
+        split,
+        examples,
+        report.seconds,
+        &metrics,
+    )
+}
+
+fn session_state(out: &Path, stage: &str) -> PathBuf {
+    out.join("checkpoint").join(stage)
+}
+
+fn default_cache_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    home.join(".cache/kd/teacher-logits")
+}
+
+/// How the student is made: from its own folder, from teacher layers, or fresh from a config.
+struct StudentSpec<'a> {
+    args: &'a Args,
+    teacher_dir: &'a ModelDir,
+    device: &'a Device,
+    label_names: &'a [String],
+}
+
+impl StudentSpec<'_> {
+    fn student(&self, seed: u64) -> Result<Bert> {
+        let regression = self.label_names.is_empty();
+        let a = self.args;
+        if let Some(dir) = &a.student {
+            let sdir = ModelDir::open(dir)?;
+            return with_head(&sdir, self.device, regression, self.label_names, seed);
+        }
+        let tconfig = &self.teacher_dir.config;
+        let teacher_weights = self.teacher_dir.weights(self.device)?;
+        let (config, weights) = if let Some(layers) = &a.student_layers {
+            let mut config = tconfig.clone();
+            config.num_hidden_layers = layers.len();
+            (config, teacher_weights.select_layers(layers)?)
+        } else if let Some(path) = &a.student_config {
+            let mut config = BertConfig::from_file(path)?;
+            ensure!(
+                config.vocab_size == tconfig.vocab_size,
+                "{}: vocab_size {} differs from the teacher's {}",
+                path.display(),
+                config.vocab_size,
+                tconfig.vocab_size
+            );
+            config.id2label = tconfig.id2label.clone();
+            config.label2id = tconfig.label2id.clone();
+            config.problem_type = tconfig.problem_type.clone();
+            let outputs = if regression { 1 } else { self.label_names.len() };
+            let weights = BertWeights::init(&config, outputs, seed, self.device)?;
+            (config, weights)
+        } else {
+            bail!("say which student: --student DIR, --student-layers 0,2,4 or --student-config FILE");
+        };
+        Ok(Bert::new(config, weights))
+    }
+}
+
+fn token(tokenizer: &Tokenizer, name: &str) -> Result<u32> {
+    tokenizer.token_to_id(name).with_context(|| format!("the tokenizer has no {name} token"))
+}
+
+fn special_ids(tokenizer: &Tokenizer) -> Vec<u32> {
+    ["[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect()
+}
+
+/// One text (or a tab-separated pair) a line, tokenized; targets are placeholders (stage 1 of
+/// cr-ild reads no labels).
+fn read_text_lines(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Result<EncodedSet> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut items: Vec<Encoded> = Vec::new();
+    for chunk in text.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().chunks(256) {
+        let pairs: Vec<(&str, Option<&str>)> = chunk
+            .iter()
+            .map(|l| match l.split_once('\t') {
+                Some((a, b)) => (a, Some(b)),
+                None => (*l, None),
+            })
+            .collect();
+        let batch =
+            tokenizer.encode_batch(&pairs, max_len).with_context(|| format!("tokenizing {}", path.display()))?;
+        for b in 0..batch.batch {
+            let row = b * batch.seq..(b + 1) * batch.seq;
+            let len = batch.mask[row.clone()].iter().filter(|&&m| m > 0.5).count();
+            let ids = batch.ids[row.clone()][..len].to_vec();
+            let type_ids = batch.type_ids[row][..len].to_vec();
+            items.push(Encoded { ids, type_ids });
+        }
+    }
+    ensure!(!items.is_empty(), "{}: no text", path.display());
+    let targets = Targets::Classes(vec![0; items.len()]);
+    Ok(EncodedSet { items, targets })
+}
