@@ -1,0 +1,235 @@
+//! `kd-cli distill` end to end on real checkpoints and data: a paraphrase-MiniLM-L3-v2 teacher
+//! fine-tuned on a few SST-2 rows is distilled into a 1-layer student (its layer 0) with every
+//! method; each run must exit cleanly, print its dev metrics and save a student that reloads.
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Fine-tunes the teacher once (a few rows, one epoch) and returns its folder and the task's.
+fn teacher(dir: &Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let (model, task) = sst2(dir, 96, 32)?;
+    let teacher = dir.join("teacher");
+    ok(kd(&[
+        "finetune",
+        "--model",
+        s(&model),
+        "--task",
+        "sst2",
+        "--data",
+        s(&task),
+        "--out",
+        s(&teacher),
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--max-len",
+        "32",
+        "--lr",
+        "1e-4",
+    ]));
+    Some((teacher, task))
+}
+
+fn distill(teacher: &Path, task: &Path, out: &Path, method: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "distill",
+        "--teacher",
+        s(teacher),
+        "--student-layers",
+        "0",
+        "--task",
+        "sst2",
+        "--data",
+        s(task),
+        "--out",
+        s(out),
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--max-len",
+        "32",
+        "--lr",
+        "1e-4",
+        "--json",
+        "--cache-dir",
+    ];
+    let cache = out.parent().unwrap().join("cache");
+    args.push(s(&cache));
+    args.extend_from_slice(method);
+    let result = last_json(&ok(kd(&args)));
+    // The saved student is an HF folder that `eval` reloads to the same metrics.
+    let again = last_json(&ok(kd(&[
+        "eval",
+        "--model",
+        s(out),
+        "--task",
+        "sst2",
+        "--data",
+        s(task),
+        "--max-len",
+        "32",
+        "--json",
+    ])));
+    assert_eq!(result["accuracy"], again["accuracy"], "{method:?}: saved student differs");
+    assert!(out.join("metrics.jsonl").exists());
+    result
+}
+
+#[test]
+fn every_method_distils_a_real_teacher() {
+    let dir = scratch("distill");
+    let Some((teacher, task)) = teacher(&dir) else { return };
+    let methods: [&[&str]; 8] = [
+        &["--method", "ce"],
+        &["--method", "kd"],
+        &["--method", "ild", "--stage1-epochs", "1"],
+        &["--method", "ild", "--last-layer", "--stage1-epochs", "1"],
+        &["--method", "noisy-relabel", "--label-noise", "0.3"],
+        &["--method", "noisy-coteach", "--label-noise", "0.3"],
+        &["--method", "cr-ild", "--stage1-epochs", "1"],
+        &["--method", "peer-advised"],
+    ];
+    for (i, method) in methods.iter().enumerate() {
+        let out = dir.join(format!("student{i}"));
+        let result = distill(&teacher, &task, &out, method);
+        assert_eq!(result["split"], "dev", "{method:?}");
+        assert_eq!(result["examples"], 32, "{method:?}");
+        let acc = result["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{method:?}: accuracy {acc}");
+    }
+    // The teacher cache was written once per (teacher, data) and reused by later methods.
+    assert!(std::fs::read_dir(dir.join("cache")).unwrap().count() >= 1);
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_student() {
+    let dir = scratch("distill-resume");
+    let Some((teacher, task)) = teacher(&dir) else { return };
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "distill",
+            "--method",
+            "kd",
+            "--teacher",
+            s(&teacher),
+            "--student-layers",
+            "0",
+            "--task",
+            "sst2",
+            "--data",
+            s(&task),
+            "--out",
+            s(out),
+            "--epochs",
+            "2",
+            "--batch",
+            "16",
+            "--max-len",
+            "32",
+            "--checkpoint-every",
+            "1",
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let whole = dir.join("whole");
+    let uninterrupted = last_json(&ok(kd(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>())));
+
+    // Kill a second run as soon as its first state is on disk, then resume it.
+    let part = dir.join("part");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kd-cli"))
+        .args(args(&part))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = part.join("checkpoint/kd/train_state.safetensors");
+    while !state.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before writing its state");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!part.join("model.safetensors").exists(), "the run was not interrupted");
+    let mut resume = args(&part);
+    resume.push("--resume".into());
+    let resumed = last_json(&ok(kd(&resume.iter().map(String::as_str).collect::<Vec<_>>())));
+    assert_eq!(uninterrupted["accuracy"], resumed["accuracy"]);
+    let a = std::fs::read(whole.join("model.safetensors")).unwrap();
+    let b = std::fs::read(part.join("model.safetensors")).unwrap();
+    assert!(a == b, "resumed weights differ from the uninterrupted run's");
+}
+
+#[test]
+fn distill_errors_are_one_line() {
+    let dir = scratch("distill-errors");
+    let Some((teacher, task)) = teacher(&dir) else { return };
+    let t = s(&teacher);
+    let d = s(&task);
+    let out = dir.join("o");
+    fails_with(
+        kd(&["distill", "--method", "kd", "--teacher", t, "--task", "sst2", "--data", d, "--out", s(&out)]),
+        &["--student"],
+    );
+    fails_with(
+        kd(&[
+            "distill",
+            "--method",
+            "mate-kd",
+            "--teacher",
+            t,
+            "--student-layers",
+            "0",
+            "--task",
+            "sst2",
+            "--data",
+            d,
+            "--out",
+            s(&out),
+        ]),
+        &["--generator"],
+    );
+    fails_with(
+        kd(&[
+            "distill",
+            "--method",
+            "kd",
+            "--teacher",
+            t,
+            "--student-layers",
+            "0,9",
+            "--task",
+            "sst2",
+            "--data",
+            d,
+            "--out",
+            s(&out),
+        ]),
+        &["9"],
+    );
+    fails_with(
+        kd(&[
+            "distill",
+            "--method",
+            "kd",
+            "--teacher",
+            t,
+            "--student-layers",
+            "0",
+            "--task",
+            "sst2",
+            "--data",
+            d,
+            "--out",
+            s(&out),
+            "--device",
+            "cuda",
+        ]),
+        &["cuda"],
+    );
+}
