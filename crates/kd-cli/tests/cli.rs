@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use kd_model::testing::{minilm_dir, STUDENT};
 use serde_json::Value;
 
 fn metric_keys(v: &Value) -> Vec<&str> {
