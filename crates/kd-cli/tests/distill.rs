@@ -233,3 +233,16 @@ fn distill_errors_are_one_line() {
         &["cuda"],
     );
 }
+
+#[test]
+fn the_demo_shows_distillation_beating_the_labels_alone() {
+    let out = ok(kd(&["distill", "--json"]));
+    let rows: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let acc = |method: &str, model: &str| {
+        let row = rows.iter().find(|r| r["method"] == method && r["model"].as_str().unwrap().starts_with(model));
+        row.unwrap_or_else(|| panic!("no {model} {method} row in {rows:?}"))["dev_accuracy"].as_f64().unwrap()
+    };
+    let (teacher, ce, kd) = (acc("ce", "teacher"), acc("ce", "student"), acc("kd", "student"));
+    assert!(teacher > 0.75, "teacher {teacher}");
+    assert!(kd > ce + 0.03, "kd {kd} should beat ce {ce}");
+}
