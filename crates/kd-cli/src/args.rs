@@ -43,7 +43,7 @@ pub struct DataArgs {
     skip_bad_rows: bool,
     /// Tokens per example, special tokens included; longer texts are truncated.
     #[arg(long, value_name = "N", default_value_t = 128)]
-    max_len: usize,
+    pub max_len: usize,
 }
 
 impl DataArgs {

@@ -6,17 +6,21 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod args;
+mod config;
 mod demo;
 mod distill;
 mod eval;
 mod finetune;
 mod model;
+mod noise;
 mod predict;
+mod pseudo_label;
 mod report;
 mod session;
+mod train_generator;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +32,10 @@ mod session;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Read flags from a TOML file of `long-flag-name = value` lines (switches: `= true`);
+    /// flags on the command line win.
+    #[arg(long, global = true, value_name = "FILE", display_order = 1000)]
+    config: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -40,25 +48,39 @@ enum Command {
     Eval(eval::Args),
     /// Write a fine-tuned model's predictions as JSON lines.
     Predict(predict::Args),
+    /// Write a copy of the training file with some labels flipped (label-noise studies).
+    Noise(noise::Args),
+    /// Label text with a fine-tuned teacher: JSON lines of hard or soft labels.
+    PseudoLabel(pseudo_label::Args),
+    /// Train a masked-LM head on a frozen encoder (MATE-KD's generator) and save it.
+    TrainGenerator(train_generator::Args),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match config::matches(Cli::command(), std::env::args_os().collect()) {
+        Ok(m) => Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit()),
+        Err(e) => return fail(e),
+    };
     let result = match cli.command {
         Command::Distill(a) => distill::run(*a),
         Command::Finetune(a) => finetune::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
+        Command::Noise(a) => noise::run(a),
+        Command::PseudoLabel(a) => pseudo_label::run(a),
+        Command::TrainGenerator(a) => train_generator::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Some causes (tokenizers, I/O) carry line breaks of their own.
-            let message = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(e),
     }
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    // Some causes (tokenizers, I/O) carry line breaks of their own.
+    let message = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
 }
 
 /// Writes one line to stdout, as an error rather than a panic when stdout is gone (a closed pipe).

@@ -181,7 +181,7 @@ impl Session {
     }
 }
 
-fn progress_bar(steps: u64, stage: &str) -> Result<ProgressBar> {
+pub fn progress_bar(steps: u64, stage: &str) -> Result<ProgressBar> {
     // Drawn on stderr, and only on a terminal: redirected output stays clean.
     let bar = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
     let template = format!("{stage} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} steps  {{msg}}  eta {{eta}}");

@@ -79,6 +79,7 @@ fn finetune_then_eval_and_predict_the_saved_model() {
         correct += (id == gold[i]) as usize;
     }
     assert_eq!(correct as f64 / gold.len() as f64, accuracy);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -114,6 +115,7 @@ fn finetune_on_generic_files_keeps_the_label_names() {
         let id = row["label_id"].as_u64().unwrap() as usize;
         assert_eq!(row["label"], ["good", "bad"][id]);
     }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -166,6 +168,7 @@ fn bad_input_fails_with_one_line_naming_the_culprit() {
         kd(&["eval", "--model", s(&model), "--dev", s(&bad), "--text-column", "sentence"]),
         &["no classification head"],
     );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -103,6 +103,7 @@ fn every_method_distils_a_real_teacher() {
     }
     // The teacher cache was written once per (teacher, data) and reused by later methods.
     assert!(std::fs::read_dir(dir.join("cache")).unwrap().count() >= 1);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -163,6 +164,7 @@ fn an_interrupted_run_resumes_to_the_same_student() {
     let a = std::fs::read(whole.join("model.safetensors")).unwrap();
     let b = std::fs::read(part.join("model.safetensors")).unwrap();
     assert!(a == b, "resumed weights differ from the uninterrupted run's");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

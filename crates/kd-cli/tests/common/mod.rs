@@ -1,10 +1,9 @@
-//! Helpers shared by the kd-cli end-to-end tests: run the binary, read its output, scratch folders.
+//! Running the `kd-cli` binary in tests and checking what it says.
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kd_kernels::assets::asset;
-use kd_model::testing::{minilm_dir, STUDENT};
 use serde_json::Value;
 
 pub fn kd(args: &[&str]) -> Output {
@@ -56,10 +55,9 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The student checkpoint, and an SST-2 folder holding the first `train` and `dev` rows of the
-/// real files (the real dev set would take most of the time budget to evaluate).
-pub fn sst2(dir: &Path, train: usize, dev: usize) -> Option<(PathBuf, PathBuf)> {
-    let model = minilm_dir()?.join(STUDENT);
+/// An SST-2 folder in `dir` holding the first `train` and `dev` rows of the real files (the
+/// real dev set would take most of the time budget to evaluate).
+pub fn sst2_head(dir: &Path, train: usize, dev: usize) -> Option<PathBuf> {
     let glue = asset("data/glue/SST-2")?;
     let task = dir.join("SST-2");
     std::fs::create_dir_all(&task).unwrap();
@@ -68,5 +66,11 @@ pub fn sst2(dir: &Path, train: usize, dev: usize) -> Option<(PathBuf, PathBuf)> 
         let head: Vec<&str> = text.lines().take(rows + 1).collect();
         std::fs::write(task.join(file), head.join("\n") + "\n").unwrap();
     }
-    Some((model, task))
+    Some(task)
+}
+
+/// The student checkpoint (paraphrase-MiniLM-L3-v2) and an SST-2 head folder (see [`sst2_head`]).
+pub fn sst2(dir: &Path, train: usize, dev: usize) -> Option<(PathBuf, PathBuf)> {
+    let model = kd_model::testing::minilm_dir()?.join(kd_model::testing::STUDENT);
+    Some((model, sst2_head(dir, train, dev)?))
 }

@@ -1,0 +1,95 @@
+//! `kd-cli pseudo-label`: a fine-tuned teacher's labels for a split's text, as the JSON lines
+//! that distillation from pseudo-labels reads (`kd_methods::pseudo`).
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use kd_methods::batching::{EncodedSet, Targets};
+use kd_methods::data::Split;
+use kd_methods::pseudo::{from_teacher, write_jsonl};
+use serde_json::{json, Map, Value};
+
+use crate::args::{device, report_skipped, split_name, DataArgs, SplitArg};
+use crate::model::{check_task, is_regression, label_names, ModelDir};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The fine-tuned teacher folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    teacher: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// A generic file (.csv, .tsv or .jsonl) of text to label; labels in it are not needed.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["task", "split"])]
+    input: Option<PathBuf>,
+    /// The split of the task (or of --train/--dev files) to label; its labels are not read.
+    #[arg(long, value_enum, default_value = "train")]
+    split: SplitArg,
+    /// Write the teacher's class probabilities instead of its argmax class.
+    #[arg(long)]
+    soft: bool,
+    /// The JSONL file to write: {"index", "label"} (or {"index", "probs"}) per example.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Examples per forward pass.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    batch: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    ensure!(args.batch > 0, "--batch must be at least 1");
+    let device = device(&args.device)?;
+    let split = if args.input.is_some() { Split::Test } else { Split::from(args.split) };
+    let data = args.data.options(args.input.clone())?;
+    let model = ModelDir::open(&args.teacher)?;
+    model.check_max_len(data.max_len)?;
+    let teacher = model.classifier(&device)?;
+    ensure!(
+        !is_regression(&teacher.config),
+        "{} predicts scores; pseudo-labels need a classifier",
+        args.teacher.display()
+    );
+    check_task(&teacher, &data.source)?;
+
+    let (dataset, items) = data.unlabelled(split, &model.tokenizer).context("loading the data")?;
+    report_skipped(&dataset);
+    let started = Instant::now();
+    let set = EncodedSet { items, targets: Targets::Classes(Vec::new()) };
+    let labels = from_teacher(&teacher, &set, args.batch, args.soft)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let names = label_names(&teacher.config);
+    write_jsonl(&args.out, &labels, &names)?;
+
+    let mut counts = vec![0usize; names.len()];
+    for c in labels.hard() {
+        if let Some(k) = counts.get_mut(c as usize) {
+            *k += 1;
+        }
+    }
+    let counts: Map<String, Value> = names.iter().zip(&counts).map(|(n, &k)| (n.clone(), json!(k))).collect();
+    let kind = if args.soft { "soft" } else { "hard" };
+    let (name, split) = (data.source.name(split), if args.input.is_some() { "input" } else { split_name(split) });
+    let line = if args.json {
+        json!({
+            "task": name, "split": split, "examples": labels.len(), "labels": kind, "classes": counts,
+            "seconds": seconds, "out": args.out.display().to_string(),
+        })
+        .to_string()
+    } else {
+        let described: Vec<String> = counts.iter().map(|(n, k)| format!("{n} {k}")).collect();
+        format!(
+            "{name} {split}: {} {kind} labels from {} ({}) in {seconds:.1} s; wrote {}",
+            labels.len(),
+            args.teacher.display(),
+            described.join(", "),
+            args.out.display()
+        )
+    };
+    crate::print_line(&line)
+}
