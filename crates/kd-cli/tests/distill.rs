@@ -193,66 +193,16 @@ fn distill_errors_are_one_line() {
     let t = s(&teacher);
     let d = s(&task);
     let out = dir.join("o");
-    fails_with(
-        kd(&["distill", "--method", "kd", "--teacher", t, "--task", "sst2", "--data", d, "--out", s(&out)]),
-        &["--student"],
-    );
-    fails_with(
-        kd(&[
-            "distill",
-            "--method",
-            "mate-kd",
-            "--teacher",
-            t,
-            "--student-layers",
-            "0",
-            "--task",
-            "sst2",
-            "--data",
-            d,
-            "--out",
-            s(&out),
-        ]),
-        &["--generator"],
-    );
-    fails_with(
-        kd(&[
-            "distill",
-            "--method",
-            "kd",
-            "--teacher",
-            t,
-            "--student-layers",
-            "0,9",
-            "--task",
-            "sst2",
-            "--data",
-            d,
-            "--out",
-            s(&out),
-        ]),
-        &["9"],
-    );
-    fails_with(
-        kd(&[
-            "distill",
-            "--method",
-            "kd",
-            "--teacher",
-            t,
-            "--student-layers",
-            "0",
-            "--task",
-            "sst2",
-            "--data",
-            d,
-            "--out",
-            s(&out),
-            "--device",
-            "cuda",
-        ]),
-        &["cuda"],
-    );
+    let run = |extra: &[&str]| {
+        let mut args = vec!["distill", "--teacher", t, "--task", "sst2", "--data", d, "--out", s(&out)];
+        args.extend_from_slice(extra);
+        kd(&args)
+    };
+    fails_with(run(&["--method", "kd"]), &["--student"]);
+    fails_with(run(&["--method", "mate-kd", "--student-layers", "0"]), &["--generator"]);
+    fails_with(run(&["--method", "kd", "--student-layers", "0,9"]), &["9"]);
+    fails_with(run(&["--method", "kd", "--student-layers", "0", "--device", "cuda"]), &["cuda"]);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
