@@ -135,6 +135,8 @@ impl Session {
     ) -> Result<TrainReport> {
         let steps_per_epoch = (steps / epochs.max(1) as u64).max(1);
         let bar = progress_bar(steps, stage)?;
+        // Where no bar is drawn (a log file, CI), a line every tenth of the run says how it goes.
+        let log_every = (steps / 10).max(1);
         let best_dir = self.out.join("best");
         let tokenizer = self.tokenizer_json.clone();
         let mut save_error: Option<anyhow::Error> = None;
@@ -145,7 +147,11 @@ impl Session {
                 log.rate = Some(log.rate.map_or(examples_per_s, |r| 0.9 * r + 0.1 * examples_per_s));
                 bar.set_position(step);
                 let rate = log.rate.unwrap_or(0.0);
-                bar.set_message(format!("loss {:.4}  lr {lr:.2e}  {rate:.0} ex/s", log.mean_loss()));
+                let message = format!("loss {:.4}  lr {lr:.2e}  {rate:.0} ex/s", log.mean_loss());
+                if bar.is_hidden() && step.is_multiple_of(log_every) {
+                    eprintln!("{stage}: step {step}/{steps}: {message}");
+                }
+                bar.set_message(message);
             }
             Event::Eval { step, metrics } => {
                 let line = log.record(stage, step, step as f64 / steps_per_epoch as f64, "dev", metrics);
