@@ -41,11 +41,11 @@ pub fn matches(mut cmd: Command, args: Vec<OsString>) -> Result<ArgMatches> {
 
 /// The command line with the config file's flags spliced in, or `None` without `--config`.
 fn expand(cmd: &Command, args: &[OsString]) -> Result<Option<Expanded>> {
-    let Some((file, sub_at)) = find_config(cmd, args) else {
+    let Some((file, sub)) = find_config(cmd, args) else {
         return Ok(None);
     };
     // With no subcommand to apply it to, clap reports what is missing.
-    let Some((sub_at, sub)) = sub_at.and_then(|i| Some((i, cmd.find_subcommand(&args[i])?))) else {
+    let Some((sub_at, sub)) = sub else {
         return Ok(None);
     };
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading the config file {}", file.display()))?;
@@ -104,9 +104,11 @@ fn expand(cmd: &Command, args: &[OsString]) -> Result<Option<Expanded>> {
     Ok(Some(Expanded { args: out, file, keys }))
 }
 
-/// The `--config` file and the position of the subcommand in `args`, if `--config` is given.
-fn find_config(cmd: &Command, args: &[OsString]) -> Option<(PathBuf, Option<usize>)> {
-    let (mut file, mut sub_at) = (None, None);
+/// The `--config` file, if given, and the innermost subcommand (`step` of `bench step`) with its
+/// position in `args`.
+fn find_config<'c>(cmd: &'c Command, args: &[OsString]) -> Option<(PathBuf, Option<(usize, &'c Command)>)> {
+    let (mut file, mut sub) = (None, None);
+    let mut current = cmd;
     let mut i = 1;
     while i < args.len() {
         let arg = args[i].to_string_lossy();
@@ -117,12 +119,13 @@ fn find_config(cmd: &Command, args: &[OsString]) -> Option<(PathBuf, Option<usiz
             i += 1;
         } else if let Some(path) = arg.strip_prefix("--config=") {
             file = file.or_else(|| Some(PathBuf::from(path)));
-        } else if sub_at.is_none() && cmd.find_subcommand(&args[i]).is_some() {
-            sub_at = Some(i);
+        } else if let Some(found) = current.find_subcommand(&args[i]) {
+            sub = Some((i, found));
+            current = found;
         }
         i += 1;
     }
-    file.map(|f| (f, sub_at))
+    file.map(|f| (f, sub))
 }
 
 /// A TOML scalar as a command-line value.

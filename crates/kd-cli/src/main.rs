@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod args;
+mod bench;
 mod config;
 mod demo;
 mod distill;
@@ -26,7 +27,7 @@ mod train_generator;
 #[command(
     name = "kd-cli",
     version,
-    about = "Knowledge distillation for BERT-family encoders: distil, fine-tune, evaluate, predict.",
+    about = "Knowledge distillation for BERT-family encoders: distil, fine-tune, evaluate, predict, benchmark.",
     arg_required_else_help = true
 )]
 struct Cli {
@@ -54,6 +55,8 @@ enum Command {
     PseudoLabel(pseudo_label::Args),
     /// Train a masked-LM head on a frozen encoder (MATE-KD's generator) and save it.
     TrainGenerator(train_generator::Args),
+    /// Time kd's training work on real checkpoints (`bench step`: the standard distillation step).
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Noise(a) => noise::run(a),
         Command::PseudoLabel(a) => pseudo_label::run(a),
         Command::TrainGenerator(a) => train_generator::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

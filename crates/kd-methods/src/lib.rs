@@ -1,5 +1,6 @@
-//! kd-methods: data, metrics, losses, the trainer and one file per KD method.
+//! kd-methods: data, metrics, losses, the trainer, one file per KD method, and the benchmark step.
 pub mod batching;
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod demo;

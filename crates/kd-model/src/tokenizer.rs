@@ -51,6 +51,15 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The ids of the special tokens (BERT: `[PAD]`, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`), in
+    /// increasing order, for callers that draw token ids at random and must avoid them.
+    pub fn special_ids(&self) -> Vec<u32> {
+        let added = self.inner.get_added_tokens_decoder();
+        let mut ids: Vec<u32> = added.iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -72,6 +72,7 @@ fn truncates_longest_first_and_pads_to_the_longest_row() {
     assert_eq!((cls, sep, pad), (101, 102, 0));
     assert_eq!(tok.vocab_size(), 30522);
     assert_eq!(tok.id_to_token(101).as_deref(), Some("[CLS]"));
+    assert_eq!(tok.special_ids(), [0, 100, 101, 102, 103]);
 
     let long = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen";
     let inputs = [(long, Some("red green blue")), ("short", None), (long, None)];
