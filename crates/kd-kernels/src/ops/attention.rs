@@ -11,9 +11,11 @@
 use std::marker::PhantomData;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::dropout::check_p;
+use super::gemm::{gemm_cpu, gemm_cpu_strided, Mat};
 use super::opt_rows_mut;
 use crate::cuda::{self, Module, OptionalArg};
 use crate::device::CudaDevice;
@@ -55,9 +57,9 @@ impl Dims {
         self.b == 0 || self.l == 0
     }
 
-    /// The `Dh` values of head `h` at token `(b, i)` in a `[B, L, H * Dh]` slice.
-    fn head<'a>(&self, x: &'a [f32], b: usize, h: usize, i: usize) -> &'a [f32] {
-        &x[(b * self.l + i) * self.hd() + h * self.dh..][..self.dh]
+    /// Head `h` of batch `b` in a `[B, L, H * Dh]` slice, as an `[L, Dh]` matrix read in place.
+    fn head<'a>(&self, x: &'a [f32], b: usize, h: usize) -> Mat<'a> {
+        Mat::strided(&x[b * self.l * self.hd() + h * self.dh..], self.l, self.dh, self.hd())
     }
 }
 
@@ -101,11 +103,12 @@ struct HeadMut<'a> {
 }
 
 impl HeadMut<'_> {
-    fn row(&mut self, i: usize) -> &mut [f32] {
-        assert!(i < self.dims.l);
-        // SAFETY: row i of the claimed head lies inside the buffer, and the claim is exclusive
-        // (see `HeadColumns::claim`); `&mut self` keeps one row borrowed at a time.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(i * self.dims.hd()), self.dims.dh) }
+    /// `head = alpha * a . b + beta * head`, single-threaded (the heads run in parallel).
+    fn gemm(&mut self, a: Mat, b: Mat, alpha: f32, beta: f32) {
+        assert!(a.rows() == self.dims.l && b.cols() == self.dims.dh, "HeadMut::gemm: [L, Dh] product");
+        // SAFETY: the claimed head is L rows of Dh floats, H * Dh apart, inside the buffer, and
+        // the claim is exclusive (see `HeadColumns::claim`).
+        unsafe { gemm_cpu_strided(self.base, self.dims.hd(), a, b, alpha, beta, Parallelism::None) }
     }
 }
 
@@ -140,12 +143,15 @@ fn keep_factor(dropout: Option<AttentionDropout>, index: usize) -> f32 {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+/// `dropped[j] = p[j] * keep_factor(j)` for the map row starting at flat index `row`.
+fn drop_row(dropped: &mut [f32], p: &[f32], dropout: Option<AttentionDropout>, row: usize) {
+    for (j, (d, &pj)) in dropped.iter_mut().zip(p).enumerate() {
+        *d = pj * keep_factor(dropout, row + j);
+    }
 }
 
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Forward: `out` `[B, L, H * Dh]` and `probs` `[B, H, L, L]` are overwritten; `scores`, when
@@ -214,28 +220,33 @@ fn attention_forward_cpu(
     let Dims { l, heads, dh, .. } = dims;
     let scale = 1.0 / (dh as f32).sqrt();
     let out = HeadColumns::new(out, dims);
-    probs.par_chunks_mut(l * l).zip(opt_rows_mut(scores, l * l, dims.b * heads)).enumerate().for_each(
-        |(bh, (probs, mut scores))| {
+    // Per-task scratch for the dropped probabilities; without dropout `out` reads `probs` itself.
+    let scratch = if dropout.is_some() { l * l } else { 0 };
+    probs.par_chunks_mut(l * l).zip(opt_rows_mut(scores, l * l, dims.b * heads)).enumerate().for_each_init(
+        || vec![0.0f32; scratch],
+        |dropped, (bh, (probs, scores))| {
             let (b, h) = (bh / heads, bh % heads);
             let mask = &mask[b * l..][..l];
+            let (qh, kh, vh) = (dims.head(q, b, h), dims.head(k, b, h), dims.head(v, b, h));
+            gemm_cpu(probs, qh, kh.t(), scale, 0.0, Parallelism::None);
+            for p in probs.chunks_exact_mut(l) {
+                p.iter_mut().zip(mask).for_each(|(p, &m)| *p += (1.0 - m) * f32::MIN);
+            }
+            if let Some(s) = scores {
+                s.copy_from_slice(probs);
+            }
+            probs.chunks_exact_mut(l).for_each(softmax_in_place);
+            let weights = if dropout.is_some() {
+                for (i, (d, p)) in dropped.chunks_exact_mut(l).zip(probs.chunks_exact(l)).enumerate() {
+                    drop_row(d, p, dropout, (bh * l + i) * l);
+                }
+                &dropped[..]
+            } else {
+                &probs[..]
+            };
             // SAFETY: this task is the only one given (b, h).
             let mut out = unsafe { out.claim(b, h) };
-            for (i, p) in probs.chunks_exact_mut(l).enumerate() {
-                let qi = dims.head(q, b, h, i);
-                for (j, (p, &m)) in p.iter_mut().zip(mask).enumerate() {
-                    *p = dot(qi, dims.head(k, b, h, j)) * scale + (1.0 - m) * f32::MIN;
-                }
-                if let Some(s) = scores.as_deref_mut() {
-                    s[i * l..][..l].copy_from_slice(p);
-                }
-                softmax_in_place(p);
-                let o = out.row(i);
-                o.fill(0.0);
-                let row = (bh * l + i) * l;
-                for (j, &pj) in p.iter().enumerate() {
-                    axpy(pj * keep_factor(dropout, row + j), dims.head(v, b, h, j), o);
-                }
-            }
+            out.gemm(Mat::new(weights, l, l, false), vh, 1.0, 0.0);
         },
     );
 }
@@ -437,35 +448,41 @@ fn attention_backward_cpu(
     let Dims { l, heads, .. } = dims;
     let scale = 1.0 / (dims.dh as f32).sqrt();
     let (dq, dk, dv) = (HeadColumns::new(dq, dims), HeadColumns::new(dk, dims), HeadColumns::new(dv, dims));
-    // One score-gradient row of scratch per rayon job: ds is consumed row by row, so the
-    // [L, L] block of a head is never materialised.
+    // One [L, L] block of scratch per rayon job: first the dropped probabilities (with dropout),
+    // then the score gradient of the head.
     probs.par_chunks(l * l).enumerate().for_each_init(
-        || vec![0.0f32; l],
+        || vec![0.0f32; l * l],
         |ds, (bh, probs)| {
             let (b, h) = (bh / heads, bh % heads);
+            let (qh, kh, vh, doh) = (dims.head(q, b, h), dims.head(k, b, h), dims.head(v, b, h), dims.head(dout, b, h));
             // SAFETY: this task is the only one given (b, h).
             let (mut dq, mut dk, mut dv) = unsafe { (dq.claim(b, h), dk.claim(b, h), dv.claim(b, h)) };
-            for (i, p) in probs.chunks_exact(l).enumerate() {
-                let doi = dims.head(dout, b, h, i);
-                let row = (bh * l + i) * l;
-                for (j, (&pj, ds)) in p.iter().zip(ds.iter_mut()).enumerate() {
-                    let keep = keep_factor(dropout, row + j);
-                    axpy(pj * keep, doi, dv.row(j));
-                    *ds = dot(doi, dims.head(v, b, h, j)) * keep;
+            let rows = |i: usize| (bh * l + i) * l;
+            if dropout.is_some() {
+                for (i, (d, p)) in ds.chunks_exact_mut(l).zip(probs.chunks_exact(l)).enumerate() {
+                    drop_row(d, p, dropout, rows(i));
+                }
+                dv.gemm(Mat::new(ds, l, l, true), doh, 1.0, 1.0);
+            } else {
+                dv.gemm(Mat::new(probs, l, l, true), doh, 1.0, 1.0);
+            }
+            gemm_cpu(ds, doh, vh.t(), 1.0, 0.0, Parallelism::None);
+            for (i, (ds, p)) in ds.chunks_exact_mut(l).zip(probs.chunks_exact(l)).enumerate() {
+                if dropout.is_some() {
+                    // d(probs) = mask * (dout . v^T) / (1 - p): the same factors as the forward.
+                    for (j, ds) in ds.iter_mut().enumerate() {
+                        *ds *= keep_factor(dropout, rows(i) + j);
+                    }
                 }
                 let rowdot = dot(p, ds);
                 ds.iter_mut().zip(p).for_each(|(ds, &pj)| *ds = pj * (*ds - rowdot));
                 if let Some(e) = extra {
-                    axpy(1.0, &e[(bh * l + i) * l..][..l], ds);
-                }
-                let (qi, dqi) = (dims.head(q, b, h, i), dq.row(i));
-                for (j, &dsj) in ds.iter().enumerate() {
-                    axpy(scale * dsj, dims.head(k, b, h, j), dqi);
-                }
-                for (j, &dsj) in ds.iter().enumerate() {
-                    axpy(scale * dsj, qi, dk.row(j));
+                    ds.iter_mut().zip(&e[rows(i)..][..l]).for_each(|(ds, &e)| *ds += e);
                 }
             }
+            let ds = Mat::new(ds, l, l, false);
+            dq.gemm(ds, kh, scale, 1.0);
+            dk.gemm(ds.t(), qh, scale, 1.0);
         },
     );
 }

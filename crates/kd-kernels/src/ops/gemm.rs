@@ -188,12 +188,31 @@ pub(crate) struct Mat<'a> {
 impl<'a> Mat<'a> {
     /// The `stored_rows x stored_cols` row-major matrix at the front of `data`, or its transpose.
     pub(crate) fn new(data: &'a [f32], stored_rows: usize, stored_cols: usize, transpose: bool) -> Self {
-        let (rs, cs) = (stored_cols as isize, 1);
+        let mat = Mat::strided(data, stored_rows, stored_cols, stored_cols);
         if transpose {
-            Mat { data, rows: stored_cols, cols: stored_rows, row_stride: cs, col_stride: rs }
+            mat.t()
         } else {
-            Mat { data, rows: stored_rows, cols: stored_cols, row_stride: rs, col_stride: cs }
+            mat
         }
+    }
+
+    /// `rows x cols` at the front of `data` with rows `row_stride` apart: a block of columns of a
+    /// wider row-major matrix (one head of a `[B, L, H * Dh]` activation).
+    pub(crate) fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        Mat { data, rows, cols, row_stride: row_stride as isize, col_stride: 1 }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The transpose, over the same memory.
+    pub(crate) fn t(self) -> Self {
+        Mat { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
     }
 
     /// The same view over `data[offset..]` (the next matrix of a batch).
@@ -204,24 +223,48 @@ impl<'a> Mat<'a> {
 
 /// `out = alpha * a . b + beta * out` with `out` a contiguous row-major `[a.rows, b.cols]`.
 pub(crate) fn gemm_cpu(out: &mut [f32], a: Mat, b: Mat, alpha: f32, beta: f32, par: Parallelism) {
+    assert!(out.len() == a.rows * b.cols, "gemm_cpu: shapes checked by the caller");
+    // SAFETY: `out` is an exclusive borrow of exactly the packed `[a.rows, b.cols]` output.
+    unsafe { gemm_cpu_strided(out.as_mut_ptr(), b.cols, a, b, alpha, beta, par) }
+}
+
+/// [`gemm_cpu`] into an output whose rows lie `out_row_stride` floats apart (one head's columns
+/// of a `[B, L, H * Dh]` buffer that other tasks write the other columns of).
+///
+/// # Safety
+/// `out` must point to `a.rows` rows of `b.cols` writable floats, `out_row_stride` apart, that
+/// nothing else reads or writes during the call.
+pub(crate) unsafe fn gemm_cpu_strided(
+    out: *mut f32,
+    out_row_stride: usize,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+    beta: f32,
+    par: Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(b.rows == k && out.len() == m * n, "gemm_cpu: shapes checked by the caller");
+    assert!(b.rows == k && (m <= 1 || out_row_stride >= n), "gemm_cpu: shapes checked by the caller");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         // An empty sum: only the beta term is left.
-        if beta == 0.0 {
-            out.fill(0.0);
-        } else {
-            out.iter_mut().for_each(|o| *o *= beta);
+        for i in 0..m {
+            // SAFETY: row i of the output, by the caller's contract.
+            let row = unsafe { std::slice::from_raw_parts_mut(out.add(i * out_row_stride), n) };
+            if beta == 0.0 {
+                row.fill(0.0);
+            } else {
+                row.iter_mut().for_each(|o| *o *= beta);
+            }
         }
         return;
     }
     let last = |mat: Mat| (mat.rows - 1) as isize * mat.row_stride + (mat.cols - 1) as isize * mat.col_stride;
     assert!(last(a) < a.data.len() as isize && last(b) < b.data.len() as isize, "gemm_cpu: operand out of bounds");
-    // SAFETY: the asserts above keep every element the strides reach inside the slices, and
-    // `out` is an exclusive borrow that no operand can alias. The crate computes
+    // SAFETY: the asserts above keep every element the strides reach inside the slices, and the
+    // caller guarantees `out` is exclusively ours, so no operand can alias it. The crate computes
     // `dst = alpha * dst + beta * lhs . rhs` (its alpha and beta are BLAS's swapped), reading
     // dst only when `read_dst`.
     unsafe {
@@ -229,9 +272,9 @@ pub(crate) fn gemm_cpu(out: &mut [f32], a: Mat, b: Mat, alpha: f32, beta: f32, p
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out,
             1,
-            n as isize,
+            out_row_stride as isize,
             beta != 0.0,
             a.data.as_ptr(),
             a.col_stride,
