@@ -91,3 +91,18 @@ struct KdSum {
 struct KdMax {
     __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
+
+// The counter-based generator of crates/kd-kernels/src/rng.rs, bit for bit: the CPU and the
+// kernels draw the same dropout mask / Gumbel noise for the same (seed, element index).
+__device__ __forceinline__ unsigned long long kd_mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// Uniform in [0, 1) with 24 bits: (bits >> 40) < 2^24 converts to f32 exactly, and the scale is
+// a power of two, so the product is exact too.
+__device__ __forceinline__ float kd_uniform(unsigned long long seed, unsigned long long index) {
+    unsigned long long bits = kd_mix64(kd_mix64(seed ^ 0x9e3779b97f4a7c15ull) + index);
+    return (float)(bits >> 40) * (1.0f / 16777216.0f);
+}
