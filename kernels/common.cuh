@@ -106,3 +106,20 @@ __device__ __forceinline__ float kd_uniform(unsigned long long seed, unsigned lo
     unsigned long long bits = kd_mix64(kd_mix64(seed ^ 0x9e3779b97f4a7c15ull) + index);
     return (float)(bits >> 40) * (1.0f / 16777216.0f);
 }
+
+// Deterministic column sums of a [rows, d] matrix (bias and LayerNorm parameter gradients) take
+// two launches and no atomics: block (x, y) has one thread per column sum rows
+// [y * rows_per_chunk, (y + 1) * rows_per_chunk) in row order into partials[y * d + col], then
+// one thread per column adds its chunks up in chunk order here, so the result depends only on
+// the shape. Double keeps the sum of up to a few hundred partials from adding its own error.
+__device__ __forceinline__ float kd_sum_chunks(const float* partials, int chunks, int d, int col) {
+    double total = 0.0;
+    for (int c = 0; c < chunks; ++c) total += (double)partials[(size_t)c * d + col];
+    return (float)total;
+}
+
+// The flat index of this thread in a one-thread-per-element launch; 64-bit, since the last
+// block of a launch over nearly 2^31 elements reaches past INT_MAX.
+__device__ __forceinline__ long long kd_element_index() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}

@@ -263,3 +263,137 @@ fn cuda_device_without_driver_is_a_one_line_error() {
     let msg = Device::parse("cuda:4096").unwrap_err().to_string();
     assert!(msg.starts_with("CUDA unavailable") && !msg.contains('\n'), "message: {msg:?}");
 }
+
+// ---- layernorm, gelu, bias, dropout ----
+
+use kd_kernels::ops::bias::{add, add_bias_inplace, add_inplace, bias_backward, scale_inplace};
+use kd_kernels::ops::dropout::{dropout_backward, dropout_forward};
+use kd_kernels::ops::gelu::{gelu_backward, gelu_forward, tanh_backward, tanh_forward};
+use kd_kernels::ops::layernorm::{layernorm_backward, layernorm_forward};
+
+#[test]
+fn layernorm_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(21);
+    // (rows, D): warp groups of 8 (D = 7), 1 and 32 lanes (D = 1, 33), BERT's widths, the
+    // warp kernel's longest row and the block kernel past it; 300 rows give the column sums
+    // ten chunks (the last partial), 9,000 rows chunks of more than 32 rows.
+    for &(rows, d) in &[(37, 7), (5, 1), (19, 33), (300, 384), (33, 768), (6, 1024), (3, 1025), (2, 2000), (9000, 48)] {
+        let n = rows * d;
+        // Rows off centre, so the mean matters.
+        let x: Vec<f32> = randn(&mut rng, n, 2.0).iter().enumerate().map(|(i, v)| v + (i / d % 5) as f32).collect();
+        let (gamma, beta) = (randn(&mut rng, d, 1.0), randn(&mut rng, d, 1.0));
+        let (dout, init_dx) = (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+        let (init_dg, init_db) = (randn(&mut rng, d, 1.0), randn(&mut rng, d, 1.0));
+        parity(&gpu, &format!("layernorm [{rows}, {d}]"), RTOL, |dev| {
+            let shape = [rows, d];
+            let (x, gamma, beta) = (t(&x, &shape, dev), t(&gamma, &[d], dev), t(&beta, &[d], dev));
+            let mut out = Tensor::zeros(&shape, dev).unwrap();
+            let (mut mean, mut rstd) = (Tensor::zeros(&[rows], dev).unwrap(), Tensor::zeros(&[rows], dev).unwrap());
+            layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &gamma, &beta, 1e-12).unwrap();
+            let mut dx = t(&init_dx, &shape, dev);
+            let (mut dg, mut db) = (t(&init_dg, &[d], dev), t(&init_db, &[d], dev));
+            layernorm_backward(&mut dx, &mut dg, &mut db, &t(&dout, &shape, dev), &x, &mean, &rstd, &gamma).unwrap();
+            vec![
+                ("out", host(&out)),
+                ("mean", host(&mean)),
+                ("rstd", host(&rstd)),
+                ("dx", host(&dx)),
+                ("dgamma", host(&dg)),
+                ("dbeta", host(&db)),
+            ]
+        });
+    }
+}
+
+#[test]
+fn activations_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(22);
+    // One element, a partial last block, and many blocks (and CPU chunks).
+    for &shape in &[&[1][..], &[1000][..], &[7, 10_001][..]] {
+        let n: usize = shape.iter().product();
+        let (x, dout, init) = (randn(&mut rng, n, 3.0), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+        parity(&gpu, &format!("gelu {shape:?}"), RTOL, |dev| {
+            let x = t(&x, shape, dev);
+            let mut out = Tensor::zeros(shape, dev).unwrap();
+            gelu_forward(&mut out, &x).unwrap();
+            let mut dx = t(&init, shape, dev);
+            gelu_backward(&mut dx, &t(&dout, shape, dev), &x).unwrap();
+            vec![("out", host(&out)), ("dx", host(&dx))]
+        });
+        parity(&gpu, &format!("tanh {shape:?}"), RTOL, |dev| {
+            let mut y = Tensor::zeros(shape, dev).unwrap();
+            tanh_forward(&mut y, &t(&x, shape, dev)).unwrap();
+            let mut dx = t(&init, shape, dev);
+            tanh_backward(&mut dx, &t(&dout, shape, dev), &y).unwrap();
+            vec![("y", host(&y)), ("dx", host(&dx))]
+        });
+    }
+}
+
+#[test]
+fn bias_ops_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(23);
+    // Column sums: one chunk (5 rows), two column blocks with a partial one (D = 300), ten
+    // chunks at BERT's width, chunks of more than 32 rows (9,000), and a single value.
+    for &(rows, d) in &[(5, 3), (40, 300), (300, 768), (9000, 7), (1, 1)] {
+        let n = rows * d;
+        let (x, bias, dout, init) =
+            (randn(&mut rng, n, 1.0), randn(&mut rng, d, 1.0), randn(&mut rng, n, 1.0), randn(&mut rng, d, 1.0));
+        parity(&gpu, &format!("bias [{rows}, {d}]"), RTOL, |dev| {
+            let mut x = t(&x, &[rows, d], dev);
+            add_bias_inplace(&mut x, &t(&bias, &[d], dev)).unwrap();
+            let mut db = t(&init, &[d], dev);
+            bias_backward(&mut db, &t(&dout, &[rows, d], dev)).unwrap();
+            vec![("x + bias", host(&x)), ("dbias", host(&db))]
+        });
+    }
+    // Residual arithmetic on two views of the same rows, [3, 37, 7] and [111, 7].
+    let (view3, view2) = ([3, 37, 7], [111, 7]);
+    let n = 3 * 37 * 7;
+    let (a, b, c) = (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+    parity(&gpu, "add, add_inplace, scale_inplace", RTOL, |dev| {
+        let mut out = Tensor::zeros(&view2, dev).unwrap();
+        add(&mut out, &t(&a, &view3, dev), &t(&b, &view2, dev)).unwrap();
+        let mut acc = t(&c, &view2, dev);
+        add_inplace(&mut acc, &t(&a, &view3, dev)).unwrap();
+        scale_inplace(&mut acc, 0.37).unwrap();
+        vec![("add", host(&out)), ("add_inplace, scale_inplace", host(&acc))]
+    });
+}
+
+/// Dropout draws its mask from (seed, element index) on both devices: outputs and gradients
+/// must agree bit for bit, dropped zeros included.
+#[test]
+fn dropout_matches_cpu_bitwise() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(24);
+    for &n in &[1, 1000, 70_001] {
+        let (x, dout, init) = (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+        for (p, seed) in [(0.0, 3), (0.1, 0xdead_beef_cafe_f00d), (0.5, u64::MAX), (0.9, 42)] {
+            let run = |dev: &Device| {
+                let mut out = Tensor::zeros(&[n], dev).unwrap();
+                dropout_forward(&mut out, &t(&x, &[n], dev), p, seed).unwrap();
+                let mut dx = t(&init, &[n], dev);
+                dropout_backward(&mut dx, &t(&dout, &[n], dev), p, seed).unwrap();
+                (host(&out), host(&dx))
+            };
+            let ((cpu_out, cpu_dx), (gpu_out, gpu_dx)) = (run(&Device::Cpu), run(&gpu));
+            if n > 1 && p > 0.0 {
+                let dropped = gpu_out.iter().filter(|v| **v == 0.0).count();
+                assert!(dropped > 0 && dropped < n, "dropout n={n} p={p}: {dropped} dropped");
+            }
+            assert_same_bits(&format!("dropout_forward n={n} p={p} seed={seed}"), &gpu_out, &cpu_out);
+            assert_same_bits(&format!("dropout_backward n={n} p={p} seed={seed}"), &gpu_dx, &cpu_dx);
+        }
+    }
+}
+
+fn assert_same_bits(what: &str, gpu: &[f32], cpu: &[f32]) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    if let Some(i) = gpu.iter().zip(cpu).position(|(g, c)| g.to_bits() != c.to_bits()) {
+        panic!("{what}[{i}]: gpu {:e}, cpu {:e}", gpu[i], cpu[i]);
+    }
+}

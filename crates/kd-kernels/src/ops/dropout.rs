@@ -2,9 +2,14 @@
 //! `rng::uniform(seed, i) < p`, and kept elements are scaled by `1 / (1 - p)`. The mask is a
 //! function of (seed, index), so the backward recomputes it instead of storing it, and a CUDA
 //! kernel draws the same one.
+use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
+use crate::cuda::{self, Module};
+use crate::device::CudaDevice;
+use crate::ops::bias::elements;
 use crate::rng::uniform;
+use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
 /// Elements per rayon task.
@@ -21,7 +26,7 @@ pub fn dropout_forward(out: &mut Tensor, x: &Tensor, p: f32, seed: u64) -> Resul
             dropout_cpu(out.cpu_mut()?, x, p, seed, |o, v| *o = v);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => dropout_cuda(OP, &dev, out, x, p, seed, false),
     }
 }
 
@@ -36,7 +41,7 @@ pub fn dropout_backward(dx: &mut Tensor, dout: &Tensor, p: f32, seed: u64) -> Re
             dropout_cpu(dx.cpu_mut()?, dout, p, seed, |d, g| *d += g);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => dropout_cuda(OP, &dev, dx, dout, p, seed, true),
     }
 }
 
@@ -58,4 +63,30 @@ fn dropout_cpu(dst: &mut [f32], src: &[f32], p: f32, seed: u64, write: impl Fn(&
             write(d, if kept { s * scale } else { 0.0 });
         }
     });
+}
+
+/// `kernels/dropout.cu`: [`dropout_cpu`] with one thread per element, drawing the same mask;
+/// `accumulate` picks the backward's `+=` over the forward's `=`.
+fn dropout_cuda(
+    op: &'static str,
+    dev: &CudaDevice,
+    dst: &mut Tensor,
+    src: &Tensor,
+    p: f32,
+    seed: u64,
+    accumulate: bool,
+) -> Result<()> {
+    let n = elements(op, dst)?;
+    if n == 0 {
+        return Ok(());
+    }
+    // Computed here as the CPU does, so kept elements get bit-identical values.
+    let scale = 1.0 / (1.0 - p);
+    let accumulate = i32::from(accumulate);
+    let f = dev.function(Module::Dropout, "dropout_f32")?;
+    let mut args = dev.stream.launch_builder(&f);
+    args.arg(cuda::slice_mut(dst)?).arg(cuda::slice(src)?).arg(&n).arg(&p).arg(&scale).arg(&seed).arg(&accumulate);
+    // SAFETY: dropout_f32(dst, src, n, p, scale, seed, accumulate); both buffers hold n floats.
+    unsafe { args.launch(cuda::elementwise_launch(n as usize)) }.map_err(cuda_err)?;
+    Ok(())
 }

@@ -1,8 +1,13 @@
 //! LayerNorm over the last axis, as HF/PyTorch define it: biased variance, `eps` inside the
 //! square root. The forward saves each row's mean and reciprocal standard deviation for the
 //! backward.
+use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
+use crate::cuda::{self, Module};
+use crate::device::CudaDevice;
+use crate::ops::bias::ColumnSums;
+use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
 /// Columns per task in the dgamma/dbeta reduction; stack accumulators of this width vectorise.
@@ -32,7 +37,7 @@ pub fn layernorm_forward(
             layernorm_forward_cpu(out.cpu_mut()?, mean.cpu_mut()?, rstd.cpu_mut()?, x, gamma, beta, eps);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => layernorm_forward_cuda(&dev, out, mean, rstd, x, gamma, beta, eps),
     }
 }
 
@@ -62,7 +67,10 @@ pub fn layernorm_backward(
             layernorm_dparams_cpu(dgamma.cpu_mut()?, dbeta.cpu_mut()?, dout, x, mean, rstd);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            layernorm_dx_cuda(&dev, dx, dout, x, mean, rstd, gamma)?;
+            layernorm_dparams_cuda(&dev, dgamma, dbeta, dout, x, mean, rstd)
+        }
     }
 }
 
@@ -146,4 +154,109 @@ fn layernorm_dparams_cpu(dgamma: &mut [f32], dbeta: &mut [f32], dout: &[f32], x:
         dg.iter_mut().zip(g_acc).for_each(|(d, a)| *d += a);
         db.iter_mut().zip(b_acc).for_each(|(d, a)| *d += a);
     });
+}
+
+/// `kernels/layernorm.cu`: a team of threads per row (`group` lanes of a warp for rows up to
+/// `MAX_WARP_ROW`, else a block), reducing the row's sums in a fixed tree.
+#[allow(clippy::too_many_arguments)]
+fn layernorm_forward_cuda(
+    dev: &CudaDevice,
+    out: &mut Tensor,
+    mean: &mut Tensor,
+    rstd: &mut Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<()> {
+    const OP: &str = "layernorm_forward";
+    let (rows, d) = (x.rows(), gamma.numel());
+    if rows == 0 {
+        return Ok(());
+    }
+    let (rows_i, d_i) = (cuda::int(OP, "rows", rows)?, cuda::int(OP, "D", d)?);
+    let (cfg, group) = cuda::row_launch(rows, d);
+    let name = if group.is_some() { "layernorm_forward_f32_warp" } else { "layernorm_forward_f32_block" };
+    let f = dev.function(Module::LayerNorm, name)?;
+    let mut args = dev.stream.launch_builder(&f);
+    args.arg(cuda::slice_mut(out)?).arg(cuda::slice_mut(mean)?).arg(cuda::slice_mut(rstd)?);
+    args.arg(cuda::slice(x)?).arg(cuda::slice(gamma)?).arg(cuda::slice(beta)?);
+    args.arg(&rows_i).arg(&d_i).arg(&eps);
+    if let Some(group) = &group {
+        args.arg(group);
+    }
+    // SAFETY: LN_FORWARD_PARAMS, then `group` for the warp kernel; layernorm_forward checked
+    // that out and x hold rows * D floats, mean and rstd rows, gamma and beta D.
+    unsafe { args.launch(cfg) }.map_err(cuda_err)?;
+    Ok(())
+}
+
+/// `kernels/layernorm.cu`: dx with the forward's launch shape.
+fn layernorm_dx_cuda(
+    dev: &CudaDevice,
+    dx: &mut Tensor,
+    dout: &Tensor,
+    x: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    gamma: &Tensor,
+) -> Result<()> {
+    const OP: &str = "layernorm_backward";
+    let (rows, d) = (x.rows(), gamma.numel());
+    if rows == 0 {
+        return Ok(());
+    }
+    let (rows_i, d_i) = (cuda::int(OP, "rows", rows)?, cuda::int(OP, "D", d)?);
+    let (cfg, group) = cuda::row_launch(rows, d);
+    let name = if group.is_some() { "layernorm_dx_f32_warp" } else { "layernorm_dx_f32_block" };
+    let f = dev.function(Module::LayerNorm, name)?;
+    let mut args = dev.stream.launch_builder(&f);
+    args.arg(cuda::slice_mut(dx)?).arg(cuda::slice(dout)?).arg(cuda::slice(x)?);
+    args.arg(cuda::slice(mean)?).arg(cuda::slice(rstd)?).arg(cuda::slice(gamma)?);
+    args.arg(&rows_i).arg(&d_i);
+    if let Some(group) = &group {
+        args.arg(group);
+    }
+    // SAFETY: LN_DX_PARAMS, then `group` for the warp kernel; layernorm_backward checked that
+    // dx, dout and x hold rows * D floats, mean and rstd rows, gamma D.
+    unsafe { args.launch(cfg) }.map_err(cuda_err)?;
+    Ok(())
+}
+
+/// `kernels/layernorm.cu`: dgamma and dbeta as deterministic column sums ([`ColumnSums`]),
+/// both sums' partials in one scratch buffer.
+fn layernorm_dparams_cuda(
+    dev: &CudaDevice,
+    dgamma: &mut Tensor,
+    dbeta: &mut Tensor,
+    dout: &Tensor,
+    x: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+) -> Result<()> {
+    const OP: &str = "layernorm_backward";
+    let (rows, d) = (x.rows(), dgamma.numel());
+    if rows == 0 {
+        return Ok(());
+    }
+    let sums = ColumnSums::new(OP, rows, d)?;
+    let partials = dev.function(Module::LayerNorm, "layernorm_dparams_partials_f32")?;
+    let finalize = dev.function(Module::LayerNorm, "layernorm_dparams_finalize_f32")?;
+    dev.with_scratch(2 * sums.scratch_len(), |scratch| {
+        {
+            let mut args = dev.stream.launch_builder(&partials);
+            args.arg(cuda::slice(dout)?).arg(cuda::slice(x)?).arg(cuda::slice(mean)?).arg(cuda::slice(rstd)?);
+            args.arg(&sums.rows).arg(&sums.d).arg(&sums.rows_per_chunk).arg(&mut *scratch);
+            // SAFETY: layernorm_dparams_partials_f32(dout, x [rows, d], mean, rstd [rows], rows,
+            // d, rows_per_chunk, partials [2, chunks, d]); the scratch holds 2 * chunks * d.
+            unsafe { args.launch(sums.partials_launch()) }.map_err(cuda_err)?;
+        }
+        let mut args = dev.stream.launch_builder(&finalize);
+        args.arg(&*scratch).arg(&sums.chunks).arg(&sums.d);
+        args.arg(cuda::slice_mut(dgamma)?).arg(cuda::slice_mut(dbeta)?);
+        // SAFETY: layernorm_dparams_finalize_f32(partials [2, chunks, d], chunks, d, dgamma [d],
+        // dbeta [d]).
+        unsafe { args.launch(cuda::elementwise_launch(d)) }.map_err(cuda_err)?;
+        Ok(())
+    })
 }
