@@ -397,3 +397,142 @@ fn assert_same_bits(what: &str, gpu: &[f32], cpu: &[f32]) {
         panic!("{what}[{i}]: gpu {:e}, cpu {:e}", gpu[i], cpu[i]);
     }
 }
+
+// ---- embedding, adamw, grad_norm, gumbel ----
+
+use kd_kernels::ops::adamw::{adamw_step, AdamW};
+use kd_kernels::ops::embedding::{embedding_backward, embedding_forward};
+use kd_kernels::ops::grad_norm::{clip_grad_norm, global_grad_norm};
+use kd_kernels::ops::gumbel::{gumbel_softmax_st_backward, gumbel_softmax_st_forward};
+use kd_kernels::Error;
+
+/// The GPU's AdamW update is the CPU's bit for bit (kernels/adamw.cu); 1e-6 leaves room only
+/// for a last-bit difference.
+const ADAMW_RTOL: f64 = 1e-6;
+
+#[test]
+fn embedding_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(31);
+    // (id shape, V, D): more ids than rows (every id repeats), 2-D ids, D = 1, BERT's width.
+    let cases: [(&[usize], usize, usize); 4] = [(&[37], 11, 33), (&[3, 7], 50, 5), (&[9], 4, 1), (&[2, 64], 300, 768)];
+    for (id_shape, vocab, d) in cases {
+        let n: usize = id_shape.iter().product();
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+        let rows_shape: Vec<usize> = id_shape.iter().copied().chain([d]).collect();
+        let (table, init, dout) =
+            (randn(&mut rng, vocab * d, 1.0), randn(&mut rng, n * d, 1.0), randn(&mut rng, n * d, 1.0));
+        let dtable_init = randn(&mut rng, vocab * d, 1.0);
+        for accumulate in [false, true] {
+            parity(&gpu, &format!("embedding ids {id_shape:?} V={vocab} D={d} accumulate={accumulate}"), RTOL, |dev| {
+                let ids = IdTensor::from_vec(ids.clone(), id_shape, dev).unwrap();
+                let mut out = t(&init, &rows_shape, dev);
+                embedding_forward(&mut out, &ids, &t(&table, &[vocab, d], dev), accumulate).unwrap();
+                let mut dtable = t(&dtable_init, &[vocab, d], dev);
+                embedding_backward(&mut dtable, &t(&dout, &rows_shape, dev), &ids).unwrap();
+                vec![("out", host(&out)), ("dtable", host(&dtable))]
+            });
+        }
+    }
+}
+
+/// Where the CPU rejects an id >= V, the GPU writes NaN into that row and adds no gradient.
+#[test]
+fn embedding_bad_id_on_gpu_is_nan_without_gradient() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(32);
+    let (vocab, d) = (4, 3);
+    let (table, dout, init) =
+        (randn(&mut rng, vocab * d, 1.0), randn(&mut rng, 3 * d, 1.0), randn(&mut rng, vocab * d, 1.0));
+    let ids = IdTensor::from_vec(vec![1, 7, 1], &[3], &gpu).unwrap();
+    let mut out = Tensor::zeros(&[3, d], &gpu).unwrap();
+    embedding_forward(&mut out, &ids, &t(&table, &[vocab, d], &gpu), false).unwrap();
+    let out = host(&out);
+    assert!(out[d..2 * d].iter().all(|v| v.is_nan()) && out[..d] == table[d..2 * d] && out[2 * d..] == table[d..2 * d]);
+    let mut dtable = t(&init, &[vocab, d], &gpu);
+    embedding_backward(&mut dtable, &t(&dout, &[3, d], &gpu), &ids).unwrap();
+    let dtable = host(&dtable);
+    for (j, &g) in dtable.iter().enumerate() {
+        let want = if j / d == 1 { init[j] + dout[j % d] + dout[2 * d + j % d] } else { init[j] };
+        assert!((g - want).abs() <= 1e-6 * (1.0 + want.abs()), "dtable[{j}]: {g}, want {want}");
+    }
+}
+
+#[test]
+fn adamw_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(33);
+    let cfg = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    // beta1 above 0.5 takes lerp's other branch.
+    let other_lerp = AdamW { lr: 5e-2, beta1: 0.3, beta2: 0.5, eps: 1e-6, weight_decay: 0.1 };
+    for &n in &[1, 1000, 70_001] {
+        let (p0, m0) = (randn(&mut rng, n, 1.0), randn(&mut rng, n, 0.1));
+        let v0: Vec<f32> = randn(&mut rng, n, 0.1).iter().map(|x| x * x).collect();
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| randn(&mut rng, n, 1.0)).collect();
+        for (spec, decay) in [(cfg, true), (cfg, false), (other_lerp, true)] {
+            parity(&gpu, &format!("adamw n={n} {spec:?} decay={decay}"), ADAMW_RTOL, |dev| {
+                let (mut p, mut m, mut v) = (t(&p0, &[n], dev), t(&m0, &[n], dev), t(&v0, &[n], dev));
+                // Steps 1, 2 and 1000: the bias corrections change at each.
+                for (g, step) in grads.iter().zip([1, 2, 1000]) {
+                    adamw_step(&mut p, &t(g, &[n], dev), &mut m, &mut v, spec, step, decay).unwrap();
+                }
+                vec![("param", host(&p)), ("m", host(&m)), ("v", host(&v))]
+            });
+        }
+    }
+}
+
+#[test]
+fn grad_norm_and_clip_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(34);
+    // A few tensors of odd sizes (one large enough for the most blocks per tensor), and 70
+    // small ones (two launches of at most 64 tensors).
+    let few: Vec<Vec<usize>> = vec![vec![5, 3], vec![1], vec![600_001], vec![300, 7]];
+    let many: Vec<Vec<usize>> = (0..70).map(|i| vec![1 + i % 9, 3]).collect();
+    for shapes in [few, many] {
+        let data: Vec<Vec<f32>> = shapes.iter().map(|s| randn(&mut rng, s.iter().product(), 0.5)).collect();
+        let norm = data.iter().flatten().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt() as f32;
+        // Clipping to half the norm, and a max_norm above it (gradients untouched).
+        for max_norm in [norm / 2.0, 2.0 * norm] {
+            parity(&gpu, &format!("grad_norm {} tensors max_norm={max_norm}", shapes.len()), RTOL, |dev| {
+                let mut grads: Vec<Tensor> = data.iter().zip(&shapes).map(|(x, s)| t(x, s, dev)).collect();
+                let global = global_grad_norm(&grads.iter().collect::<Vec<_>>()).unwrap();
+                let clipped = clip_grad_norm(&mut grads.iter_mut().collect::<Vec<_>>(), max_norm).unwrap();
+                vec![("norm", vec![global, clipped]), ("grads", grads.iter().flat_map(host).collect())]
+            });
+        }
+    }
+    // A norm past f32::MAX is returned as inf with the gradients untouched, on both devices.
+    parity(&gpu, "grad_norm overflow", RTOL, |dev| {
+        let mut g = t(&[f32::MAX, f32::MAX, 1.0], &[3], dev);
+        let norm = clip_grad_norm(&mut [&mut g], 1.0).unwrap();
+        vec![("norm", vec![norm]), ("grads", host(&g))]
+    });
+    // A list spanning both devices is an error, as on the CPU.
+    let (a, b) = (t(&[1.0], &[1], &Device::Cpu), t(&[1.0], &[1], &gpu));
+    assert!(matches!(global_grad_norm(&[&b, &a]), Err(Error::DeviceMismatch { .. })));
+}
+
+#[test]
+fn gumbel_softmax_st_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(35);
+    // The warp kernel at 4 and 32 lanes per row and V = 1, the block kernel just past the warp
+    // limit and at the BERT vocabulary.
+    for &(rows, v) in &[(37, 3), (19, 33), (8, 1024), (5, 1), (2, 1025), (3, 30_522)] {
+        let (logits, dout, init) =
+            (randn(&mut rng, rows * v, 2.0), randn(&mut rng, rows * v, 1.0), randn(&mut rng, rows * v, 1.0));
+        let rtol = if v > 1024 { WIDE_ROW_RTOL } else { RTOL };
+        for (tau, seed) in [(1.0, 7), (0.5, 0xdead_beef_cafe_f00d)] {
+            parity(&gpu, &format!("gumbel_softmax_st [{rows}, {v}] tau={tau} seed={seed}"), rtol, |dev| {
+                let shape = [rows, v];
+                let (mut hard, mut soft) = (Tensor::zeros(&shape, dev).unwrap(), Tensor::zeros(&shape, dev).unwrap());
+                gumbel_softmax_st_forward(&mut hard, &mut soft, &t(&logits, &shape, dev), tau, seed).unwrap();
+                let mut dlogits = t(&init, &shape, dev);
+                gumbel_softmax_st_backward(&mut dlogits, &t(&dout, &shape, dev), &soft, tau).unwrap();
+                vec![("hard", host(&hard)), ("soft", host(&soft)), ("dlogits", host(&dlogits))]
+            });
+        }
+    }
+}

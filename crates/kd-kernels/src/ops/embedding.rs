@@ -1,14 +1,19 @@
 //! Embedding lookups: by id (a table row per token) and by a dense distribution over the
 //! vocabulary ("soft one-hot" rows, as MATE-KD's generator feeds the student), which is the
 //! product `probs . table`.
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
+use crate::cuda::{self, Module};
 use crate::ops::bias::{expect_rows, lead_rows};
 use crate::ops::gemm::{all_threads, gemm_cpu, Mat};
+use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, IdTensor, Result, Tensor};
 
 /// `out[i, :] = table[ids[i], :]`, or `+=` when `accumulate` (BERT sums the word, position and
 /// token-type embeddings into one buffer). `out` holds one row of D per id, in any leading shape.
+/// An id >= V is an error (on a GPU, where finding it would need a synchronising copy, its row
+/// of `out` becomes NaN).
 pub fn embedding_forward(out: &mut Tensor, ids: &IdTensor, table: &Tensor, accumulate: bool) -> Result<()> {
     const OP: &str = "embedding_forward";
     let d = check_ids(OP, "out", out, ids, table)?;
@@ -28,13 +33,26 @@ pub fn embedding_forward(out: &mut Tensor, ids: &IdTensor, table: &Tensor, accum
             }
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            let Some((sizes, cfg)) = launch_sizes(OP, ids.numel(), d, table.shape()[0])? else { return Ok(()) };
+            let accumulate = i32::from(accumulate);
+            let f = dev.function(Module::Embedding, "embedding_forward_f32")?;
+            let mut b = dev.stream.launch_builder(&f);
+            b.arg(cuda::slice_mut(out)?).arg(cuda::id_slice(ids)?).arg(cuda::slice(table)?);
+            b.arg(&sizes[0]).arg(&sizes[1]).arg(&sizes[2]).arg(&accumulate);
+            // SAFETY: embedding_forward_f32(out, ids, table, n, d, vocab, accumulate); check_ids
+            // checked that `out` holds n x d floats and the table vocab x d.
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+            Ok(())
+        }
     }
 }
 
-/// Backward of [`embedding_forward`]: `dtable[ids[i], :] += dout[i, :]`. Each task owns a block
-/// of table rows and adds its ids' gradients in position order: no races, and the same sums
-/// whatever the thread count.
+/// Backward of [`embedding_forward`]: `dtable[ids[i], :] += dout[i, :]`. Each CPU task owns a
+/// block of table rows and adds its ids' gradients in position order: no races, and the same
+/// sums whatever the thread count. The GPU adds atomically, so where an id repeats, the order of
+/// its additions (and the last bits of the sum) varies from run to run. An id >= V is an error
+/// (on a GPU it adds nothing).
 pub fn embedding_backward(dtable: &mut Tensor, dout: &Tensor, ids: &IdTensor) -> Result<()> {
     const OP: &str = "embedding_backward";
     let d = check_ids(OP, "dout", dout, ids, dtable)?;
@@ -58,8 +76,29 @@ pub fn embedding_backward(dtable: &mut Tensor, dout: &Tensor, ids: &IdTensor) ->
             }
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            let Some((sizes, cfg)) = launch_sizes(OP, ids.numel(), d, dtable.shape()[0])? else { return Ok(()) };
+            let f = dev.function(Module::Embedding, "embedding_backward_f32")?;
+            let mut b = dev.stream.launch_builder(&f);
+            b.arg(cuda::slice_mut(dtable)?).arg(cuda::slice(dout)?).arg(cuda::id_slice(ids)?);
+            b.arg(&sizes[0]).arg(&sizes[1]).arg(&sizes[2]);
+            // SAFETY: embedding_backward_f32(dtable, dout, ids, n, d, vocab); check_ids checked
+            // that `dout` holds n x d floats and `dtable` vocab x d.
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+            Ok(())
+        }
     }
+}
+
+/// `[n, d, vocab]` as the kernels of `kernels/embedding.cu` take them, and their launch (one
+/// thread per element of the n rows of d), or None when there is nothing to do.
+fn launch_sizes(op: &'static str, n: usize, d: usize, vocab: usize) -> Result<Option<([i32; 3], LaunchConfig)>> {
+    if n * d == 0 {
+        return Ok(None);
+    }
+    cuda::int(op, "N x D", n * d)?;
+    let sizes = [cuda::int(op, "N", n)?, cuda::int(op, "D", d)?, cuda::int(op, "V", vocab)?];
+    Ok(Some((sizes, cuda::elementwise_launch(n * d))))
 }
 
 /// `out = probs . table` (or `+=` when `accumulate`): `probs` `[.., V]` holds one distribution

@@ -4,8 +4,11 @@
 //!
 //! The noise for element `i` (row-major index) is a pure function of `(seed, i)`, so a CUDA
 //! kernel draws exactly the same sample and a test can rebuild the noise with [`gumbel_noise`].
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
+use crate::cuda::{self, Module};
+use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, rng, Device, Error, Result, Tensor};
 
 /// Half the smallest non-zero draw of `rng::uniform`: keeps `ln(u)` finite when the draw is 0.
@@ -41,7 +44,21 @@ pub fn gumbel_softmax_st_forward(
             gumbel_softmax_st_forward_cpu(hard.cpu_mut()?, soft.cpu_mut()?, logits.cpu()?, v, tau, seed);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            let Some(l) = row_launch(OP, logits.rows(), v)? else { return Ok(()) };
+            let name = if l.group.is_some() { "gumbel_forward_f32_warp" } else { "gumbel_forward_f32_block" };
+            let f = dev.function(Module::Gumbel, name)?;
+            let mut b = dev.stream.launch_builder(&f);
+            b.arg(cuda::slice_mut(hard)?).arg(cuda::slice_mut(soft)?).arg(cuda::slice(logits)?);
+            b.arg(&l.rows).arg(&l.v).arg(&tau).arg(&seed);
+            if let Some(group) = &l.group {
+                b.arg(group);
+            }
+            // SAFETY: gumbel_forward_f32_{warp,block}(hard, soft, logits, rows, v, tau, seed
+            // [, group]); the three buffers hold rows x v floats (shapes checked above).
+            unsafe { b.launch(l.cfg) }.map_err(cuda_err)?;
+            Ok(())
+        }
     }
 }
 
@@ -58,8 +75,41 @@ pub fn gumbel_softmax_st_backward(dlogits: &mut Tensor, dout: &Tensor, soft: &Te
             gumbel_softmax_st_backward_cpu(dlogits.cpu_mut()?, dout.cpu()?, soft.cpu()?, v, tau);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            let Some(l) = row_launch(OP, soft.rows(), v)? else { return Ok(()) };
+            let name = if l.group.is_some() { "gumbel_backward_f32_warp" } else { "gumbel_backward_f32_block" };
+            let inv_tau = 1.0 / tau;
+            let f = dev.function(Module::Gumbel, name)?;
+            let mut b = dev.stream.launch_builder(&f);
+            b.arg(cuda::slice_mut(dlogits)?).arg(cuda::slice(dout)?).arg(cuda::slice(soft)?);
+            b.arg(&l.rows).arg(&l.v).arg(&inv_tau);
+            if let Some(group) = &l.group {
+                b.arg(group);
+            }
+            // SAFETY: gumbel_backward_f32_{warp,block}(dlogits, dout, soft, rows, v, inv_tau
+            // [, group]); the three buffers hold rows x v floats (shapes checked above).
+            unsafe { b.launch(l.cfg) }.map_err(cuda_err)?;
+            Ok(())
+        }
     }
+}
+
+/// A launch of `kernels/gumbel.cu` over `rows` rows of `v`.
+struct RowLaunch {
+    rows: i32,
+    v: i32,
+    cfg: LaunchConfig,
+    /// Lanes per row of the `*_warp` kernel; None: the `*_block` kernel, a block per row.
+    group: Option<i32>,
+}
+
+/// None when there is no element.
+fn row_launch(op: &'static str, rows: usize, v: usize) -> Result<Option<RowLaunch>> {
+    if rows * v == 0 {
+        return Ok(None);
+    }
+    let (cfg, group) = cuda::row_launch(rows, v);
+    Ok(Some(RowLaunch { rows: cuda::int(op, "rows", rows)?, v: cuda::int(op, "V", v)?, cfg, group }))
 }
 
 fn check_tau(op: &'static str, tau: f32) -> Result<()> {
