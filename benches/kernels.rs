@@ -2,7 +2,11 @@
 //! this machine has (the CPU always; CUDA when a GPU is present). Throughput is reported in the
 //! unit that bounds each op: bytes for the memory-bound losses, FLOP for GEMM and attention.
 //!
-//! `cargo bench --bench kernels` (add `-- --quick` for a fast pass).
+//! `cargo bench --bench kernels` (add `-- --quick` for a fast pass). A GPU's launches are timed
+//! back to back, the clock stopped once the stream has drained; scripts/bench_cuda.sh runs the
+//! PyTorch peer on the same shapes.
+
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kd_kernels::ops::attention::{attention_backward, attention_forward};
@@ -28,6 +32,18 @@ fn randn(shape: &[usize], scale: f32, seed: u64, device: &Device) -> Tensor {
     Tensor::from_vec(data, shape, device).unwrap()
 }
 
+/// The time of `iters` runs of `f` on `device`, including the GPU's work (launches return
+/// before it is done).
+fn timed(device: &Device, iters: u64, mut f: impl FnMut()) -> Duration {
+    device.synchronize().unwrap();
+    let start = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    device.synchronize().unwrap();
+    start.elapsed()
+}
+
 fn zeros(shape: &[usize], device: &Device) -> Tensor {
     Tensor::zeros(shape, device).unwrap()
 }
@@ -45,7 +61,9 @@ fn bench_softmax_kl(c: &mut Criterion) {
             group.throughput(Throughput::Bytes((rows * cols * 12) as u64));
             let spec = SoftmaxKl { temperature: 2.0, form: KlForm::Kl, grad_scale: 1.0 / rows as f32 };
             group.bench_function(BenchmarkId::new(format!("{device}"), format!("{rows}x{cols}")), |b| {
-                b.iter(|| softmax_kl(&mut loss, Some(&mut ds), None, &s, &t, None, spec).unwrap())
+                b.iter_custom(|n| {
+                    timed(&device, n, || softmax_kl(&mut loss, Some(&mut ds), None, &s, &t, None, spec).unwrap())
+                })
             });
         }
     }
@@ -66,9 +84,11 @@ fn bench_hidden_mse(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new(format!("{device}"), format!("{tokens}x{width}x{pairs}pairs")), |b| {
             let s: Vec<&Tensor> = students.iter().collect();
             let t: Vec<&Tensor> = teachers.iter().collect();
-            b.iter(|| {
-                let mut g: Vec<&mut Tensor> = grads.iter_mut().collect();
-                hidden_mse(&mut losses, &mut g, &s, &t, &mask, 1.0).unwrap()
+            b.iter_custom(|n| {
+                timed(&device, n, || {
+                    let mut g: Vec<&mut Tensor> = grads.iter_mut().collect();
+                    hidden_mse(&mut losses, &mut g, &s, &t, &mask, 1.0).unwrap()
+                })
             })
         });
     }
@@ -78,9 +98,12 @@ fn bench_hidden_mse(c: &mut Criterion) {
 fn bench_attention(c: &mut Criterion) {
     let mut group = c.benchmark_group("attention_fwd_bwd");
     group.sample_size(10);
-    let (batch, heads, seq) = (32usize, 12usize, 128usize);
+    let (batch, heads) = (32usize, 12usize);
     for device in devices() {
-        for head_dim in [32usize, 64] {
+        // L 512 only on a GPU: on 2 CPU cores one pass takes about a second.
+        let shapes: &[(usize, usize)] =
+            if device.is_cpu() { &[(128, 32), (128, 64)] } else { &[(128, 32), (128, 64), (512, 64)] };
+        for &(seq, head_dim) in shapes {
             let width = heads * head_dim;
             let q = randn(&[batch, seq, width], 1.0, 31, &device);
             let k = randn(&[batch, seq, width], 1.0, 32, &device);
@@ -99,9 +122,12 @@ fn bench_attention(c: &mut Criterion) {
             group.bench_function(
                 BenchmarkId::new(format!("{device}"), format!("B{batch}-H{heads}-L{seq}-D{head_dim}")),
                 |b| {
-                    b.iter(|| {
-                        attention_forward(&mut out, &mut probs, None, &q, &k, &v, &mask, None).unwrap();
-                        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, None, None).unwrap();
+                    b.iter_custom(|n| {
+                        timed(&device, n, || {
+                            attention_forward(&mut out, &mut probs, None, &q, &k, &v, &mask, None).unwrap();
+                            attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, None, None)
+                                .unwrap();
+                        })
                     })
                 },
             );
@@ -121,7 +147,7 @@ fn bench_gemm(c: &mut Criterion) {
             let mut out = zeros(&[m, n], &device);
             group.throughput(Throughput::Elements((2 * m * k * n) as u64));
             group.bench_function(BenchmarkId::new(format!("{device}"), format!("{m}x{k}x{n}")), |b| {
-                b.iter(|| matmul(&mut out, &a, &b_mat, MatmulSpec::NN).unwrap())
+                b.iter_custom(|n| timed(&device, n, || matmul(&mut out, &a, &b_mat, MatmulSpec::NN).unwrap()))
             });
         }
     }

@@ -17,6 +17,10 @@
 //   attention_backward_dkv_f32: block = (32 keys, head, batch): recomputes its columns of dS
 //                               and adds dk += scale dS^T Q, dv += P^T dO, so no [L, L] scratch
 //                               and no atomics are needed.
+// With dropout (drop_p > 0) map element (b, h, i, j) at flat index ((b * H + h) * L + i) * L + j
+// is dropped iff kd_uniform(seed, index) < drop_p, as in the CPU's AttentionDropout: the forward
+// weights V by the dropped probabilities, `probs` keeps the undropped ones, and the backward
+// redraws the same mask.
 // Head dims up to ATT_MAX_DH; L is bounded only by shared memory (16 * L floats), which the
 // host checks against the device.
 #include "common.cuh"
@@ -101,6 +105,13 @@ struct AttScore {
     }
 };
 
+// The factor map element `index` is multiplied by: 0 when dropped, 1 / (1 - p) when kept, and
+// exactly 1 without dropout.
+__device__ __forceinline__ float att_keep(float drop_p, unsigned long long seed, size_t index) {
+    if (drop_p <= 0.f) return 1.f;
+    return kd_uniform(seed, index) < drop_p ? 0.f : 1.f / (1.f - drop_p);
+}
+
 struct AttPlain {
     __device__ __forceinline__ float operator()(int, int, float dot) const { return dot; }
 };
@@ -108,7 +119,8 @@ struct AttPlain {
 extern "C" __global__ void attention_forward_f32(float* __restrict__ out, float* __restrict__ probs,
                                                  float* __restrict__ scores, const float* __restrict__ q,
                                                  const float* __restrict__ k, const float* __restrict__ v,
-                                                 const float* __restrict__ mask, int L, int H, int Dh, float scale) {
+                                                 const float* __restrict__ mask, int L, int H, int Dh, float scale,
+                                                 float drop_p, unsigned long long seed) {
     extern __shared__ float smem[];
     float* sq = smem;                     // [ATT_BQ][Dh]
     float* skv = sq + ATT_BQ * Dh;        // [ATT_BK][Dh + 1]
@@ -140,8 +152,8 @@ extern "C" __global__ void attention_forward_f32(float* __restrict__ out, float*
         float inv = 1.f / team.reduce(sum, KdSum{});
         for (int j = lane; j < L; j += 32) {
             float p = row[j] * inv;
-            row[j] = p;
             probs[map + j] = p;
+            row[j] = p * att_keep(drop_p, seed, map + j);
         }
     }
 
@@ -160,7 +172,7 @@ extern "C" __global__ void attention_backward_dq_f32(float* __restrict__ dq, flo
                                                      const float* __restrict__ dout, const float* __restrict__ k,
                                                      const float* __restrict__ v, const float* __restrict__ probs,
                                                      const float* __restrict__ extra, int L, int H, int Dh,
-                                                     float scale) {
+                                                     float scale, float drop_p, unsigned long long seed) {
     extern __shared__ float smem[];
     float* sdo = smem;                    // [ATT_BQ][Dh]
     float* skv = sdo + ATT_BQ * Dh;       // [ATT_BK][Dh + 1]
@@ -171,14 +183,17 @@ extern "C" __global__ void attention_backward_dq_f32(float* __restrict__ dq, flo
     att_load(sdo, Dh, dout, b, q0, rows, h, L, H, Dh);
     att_row_dots(ss, sdo, skv, v, b, h, rows, L, H, Dh, AttPlain{});
 
-    // dS = P (dP - P . dP) (+ extra), one warp per row.
+    // dP = mask (dO . V^T) / (1 - p), then dS = P (dP - P . dP) (+ extra), one warp per row.
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const GroupTeam team{lane, 32, KD_FULL_MASK};
     for (int i = warp; i < rows; i += ATT_THREADS / 32) {
         float* row = ss + i * L;
         const size_t map = att_map_row(b, h, q0 + i, L, H);
         float rd = 0.f;
-        for (int j = lane; j < L; j += 32) rd += probs[map + j] * row[j];
+        for (int j = lane; j < L; j += 32) {
+            row[j] *= att_keep(drop_p, seed, map + j);
+            rd += probs[map + j] * row[j];
+        }
         rd = team.reduce(rd, KdSum{});
         if (lane == 0) rowdot[((size_t)b * H + h) * L + q0 + i] = rd;
         for (int j = lane; j < L; j += 32) {
@@ -207,12 +222,12 @@ extern "C" __global__ void attention_backward_dkv_f32(float* __restrict__ dk, fl
                                                       const float* __restrict__ dout, const float* __restrict__ q,
                                                       const float* __restrict__ v, const float* __restrict__ probs,
                                                       const float* __restrict__ extra, int L, int H, int Dh,
-                                                      float scale) {
+                                                      float scale, float drop_p, unsigned long long seed) {
     extern __shared__ float smem[];
     float* sv = smem;                        // [ATT_BK][Dh + 1]: this block's keys' values
     float* sq = sv + ATT_BK * (Dh + 1);      // [ATT_BI][Dh]
     float* sdo = sq + ATT_BI * Dh;           // [ATT_BI][Dh]
-    float* sp = sdo + ATT_BI * Dh;           // [ATT_BI][ATT_BK + 1]: P tile
+    float* sp = sdo + ATT_BI * Dh;           // [ATT_BI][ATT_BK + 1]: P tile, then dropped P
     float* sds = sp + ATT_BI * (ATT_BK + 1);  // [ATT_BI][ATT_BK + 1]: dS tile
     const int j0 = blockIdx.x * ATT_BK, h = blockIdx.y, b = blockIdx.z;
     const int keys = min(ATT_BK, L - j0);
@@ -239,7 +254,8 @@ extern "C" __global__ void attention_backward_dkv_f32(float* __restrict__ dk, fl
             if (jj < keys) sp[ii * (ATT_BK + 1) + jj] = probs[att_map_row(b, h, i0 + ii, L, H) + j0 + jj];
         }
         __syncthreads();
-        // This block's columns of dS, as attention_backward_dq_f32 computes them.
+        // This block's columns of dS, as attention_backward_dq_f32 computes them; each P entry is
+        // then replaced by its dropped value, which dv needs.
         for (int idx = threadIdx.x; idx < rows * ATT_BK; idx += ATT_THREADS) {
             int ii = idx / ATT_BK, jj = idx % ATT_BK;
             if (jj >= keys) continue;
@@ -247,9 +263,13 @@ extern "C" __global__ void attention_backward_dkv_f32(float* __restrict__ dk, fl
             const float* vj = sv + jj * (Dh + 1);
             float dp = 0.f;
             for (int d = 0; d < Dh; ++d) dp += doi[d] * vj[d];
-            float ds = sp[ii * (ATT_BK + 1) + jj] * (dp - rd[i0 + ii]);
-            if (extra) ds += extra[att_map_row(b, h, i0 + ii, L, H) + j0 + jj];
+            const size_t at = att_map_row(b, h, i0 + ii, L, H) + j0 + jj;
+            const float keep = att_keep(drop_p, seed, at);
+            float* p = sp + ii * (ATT_BK + 1) + jj;
+            float ds = *p * (dp * keep - rd[i0 + ii]);
+            if (extra) ds += extra[at];
             sds[ii * (ATT_BK + 1) + jj] = ds;
+            *p *= keep;
         }
         __syncthreads();
 #pragma unroll

@@ -123,7 +123,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let Some(teacher_dir) = args.teacher.clone() else {
         ensure!(args.method.is_none(), "--method needs --teacher DIR (or run `kd-cli distill` alone for the demo)");
-        return crate::demo::run(args.json);
+        return crate::demo::run(args.json, device(&args.train.device)?);
     };
     let method = args.method.context("--method is required with --teacher")?;
     let out = args.out.clone().context("--out DIR is required with --teacher")?;

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
@@ -16,29 +17,47 @@ use crate::{Error, IdStorage, IdTensor, Result, Storage, Tensor};
 /// One `kernels/<name>.cu`, compiled to `kernels/ptx/<name>.ptx`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) enum Module {
+    AdamW,
     Attention,
+    Bias,
     CrossEntropy,
+    Dropout,
+    Embedding,
+    Gelu,
+    GradNorm,
+    Gumbel,
     HiddenMse,
+    LayerNorm,
     SoftmaxKl,
 }
 
 impl Module {
     fn ptx(self) -> &'static str {
         match self {
+            Module::AdamW => include_str!("../../../kernels/ptx/adamw.ptx"),
             Module::Attention => include_str!("../../../kernels/ptx/attention.ptx"),
+            Module::Bias => include_str!("../../../kernels/ptx/bias.ptx"),
             Module::CrossEntropy => include_str!("../../../kernels/ptx/cross_entropy.ptx"),
+            Module::Dropout => include_str!("../../../kernels/ptx/dropout.ptx"),
+            Module::Embedding => include_str!("../../../kernels/ptx/embedding.ptx"),
+            Module::Gelu => include_str!("../../../kernels/ptx/gelu.ptx"),
+            Module::GradNorm => include_str!("../../../kernels/ptx/grad_norm.ptx"),
+            Module::Gumbel => include_str!("../../../kernels/ptx/gumbel.ptx"),
             Module::HiddenMse => include_str!("../../../kernels/ptx/hidden_mse.ptx"),
+            Module::LayerNorm => include_str!("../../../kernels/ptx/layernorm.ptx"),
             Module::SoftmaxKl => include_str!("../../../kernels/ptx/softmax_kl.ptx"),
         }
     }
 }
 
-/// A device's loaded modules and functions, and one scratch buffer. Modules load lazily: the
-/// driver JIT-compiles PTX at load time, so a run pays only for the op families it uses.
+/// A device's loaded modules and functions, its cuBLAS handle and one scratch buffer. All load
+/// lazily: the driver JIT-compiles PTX at load time and cuBLAS is a large library, so a run pays
+/// only for what it uses.
 #[derive(Default)]
 pub(crate) struct Kernels {
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    blas: Mutex<Option<Arc<CudaBlas>>>,
     scratch: Mutex<Option<CudaSlice<f32>>>,
 }
 
@@ -70,6 +89,24 @@ impl CudaDevice {
         let f = module.load_function(name).map_err(|e| Error::Cuda(format!("kernel {name}: {e}")))?;
         functions.insert(name, f.clone());
         Ok(f)
+    }
+
+    /// The cuBLAS handle bound to the device's stream, created on first use.
+    pub(crate) fn blas(&self) -> Result<Arc<CudaBlas>> {
+        let mut blas = lock(&self.kernels.blas)?;
+        if let Some(b) = blas.as_ref() {
+            return Ok(b.clone());
+        }
+        // SAFETY: only probes whether the shared library can be dlopen'ed; a missing libcublas
+        // would otherwise panic inside cudarc on the first call.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::NoCuda(
+                "no cuBLAS library (libcublas.so) on this machine: add its folder to LD_LIBRARY_PATH".into(),
+            ));
+        }
+        let handle = Arc::new(CudaBlas::new(self.stream.clone()).map_err(|e| Error::Cuda(format!("cuBLAS: {e}")))?);
+        *blas = Some(handle.clone());
+        Ok(handle)
     }
 
     /// Runs `f` with a device buffer of at least `len` floats, uninitialised, reused across

@@ -53,6 +53,16 @@ impl Device {
         }
     }
 
+    /// Waits until every op issued on this device has finished (nothing to wait for on the
+    /// CPU): kernel launches return before the GPU runs them, so a clock read after this call
+    /// measures their work.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(d) => d.stream.synchronize().map_err(|e| Error::Cuda(e.to_string())),
+        }
+    }
+
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
     }

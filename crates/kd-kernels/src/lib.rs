@@ -23,6 +23,7 @@ pub mod io;
 pub mod ops;
 pub mod rng;
 pub mod tensor;
+pub mod testing;
 
 pub use device::{CudaDevice, Device};
 pub use error::{Error, Result};

@@ -124,6 +124,11 @@ impl Tensor {
                 v.fill(value);
                 Ok(())
             }
+            // Zeroing (every gradient, every step) is a device memset; other values are rare
+            // enough to go through a host copy.
+            Storage::Cuda { data, device } if value == 0.0 && value.is_sign_positive() => {
+                device.stream.memset_zeros(data).map_err(cuda_err)
+            }
             Storage::Cuda { data, device } => {
                 let host = vec![value; data.len()];
                 device.stream.memcpy_htod(&host, data).map_err(cuda_err)

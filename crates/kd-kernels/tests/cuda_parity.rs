@@ -1,7 +1,7 @@
 //! CUDA parity: each op family with a CUDA kernel runs on the same random inputs on the CPU and
 //! on GPU 0, and every output is compared. Without a GPU each test prints
-//! "skipped: no CUDA device (<reason>)" and passes; set KD_REQUIRE_CUDA=1 (on a GPU machine) to
-//! turn that skip into a failure.
+//! "skipped on CUDA: no CUDA device (<reason>)" and checks nothing; set KD_REQUIRE_CUDA=1 (on a
+//! GPU machine) to turn that skip into a failure.
 //!
 //! Tolerance: `|gpu - cpu| <= rtol * (|cpu| + max |cpu|)`, i.e. relative to the element or to
 //! the tensor's scale, with rtol 1e-5. The exception is a reduction over a vocabulary-wide row
@@ -10,26 +10,18 @@
 mod common;
 
 use common::randn;
-use kd_kernels::ops::attention::{attention_backward, attention_forward};
+use kd_kernels::ops::attention::{attention_backward, attention_forward, AttentionDropout};
 use kd_kernels::ops::cross_entropy::{cross_entropy, mse_loss, Targets};
+use kd_kernels::ops::embedding::{soft_embedding_backward, soft_embedding_forward};
+use kd_kernels::ops::gemm::{linear_backward, linear_forward, matmul, MatmulSpec};
 use kd_kernels::ops::hidden_mse::hidden_mse;
 use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, SoftmaxKl};
 use kd_kernels::rng::Rng;
+use kd_kernels::testing::gpu;
 use kd_kernels::{Device, IdTensor, Tensor};
 
 const RTOL: f64 = 1e-5;
 const WIDE_ROW_RTOL: f64 = 1e-4;
-
-fn gpu() -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            assert!(std::env::var_os("KD_REQUIRE_CUDA").is_none(), "KD_REQUIRE_CUDA is set, but: {e}");
-            eprintln!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 fn t(data: &[f32], shape: &[usize], dev: &Device) -> Tensor {
     Tensor::from_slice(data, shape, dev).unwrap()
@@ -57,6 +49,77 @@ fn parity(gpu: &Device, what: &str, rtol: f64, op: impl Fn(&Device) -> Vec<(&'st
     let (cpu_out, gpu_out) = (op(&Device::Cpu), op(gpu));
     for ((name, c), (_, g)) in cpu_out.iter().zip(&gpu_out) {
         assert_parity(&format!("{what}: {name}"), g, c, rtol);
+    }
+}
+
+#[test]
+fn matmul_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(10);
+    // (batch of a, batch of b, m, k, n): plain, a batch against a shared right operand, a shared
+    // left operand against a batch, and a BERT-sized product.
+    let cases = [
+        (None, None, 7, 5, 3),
+        (Some(4), None, 9, 33, 17),
+        (None, Some(3), 6, 1, 65),
+        (Some(2), Some(2), 128, 384, 96),
+    ];
+    for (ba, bb, m, k, n) in cases {
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a_shape: Vec<usize> = ba.into_iter().chain(if trans_a { [k, m] } else { [m, k] }).collect();
+            let b_shape: Vec<usize> = bb.into_iter().chain(if trans_b { [n, k] } else { [k, n] }).collect();
+            let out_shape: Vec<usize> = ba.or(bb).into_iter().chain([m, n]).collect();
+            let a = randn(&mut rng, a_shape.iter().product(), 1.0);
+            let b = randn(&mut rng, b_shape.iter().product(), 1.0);
+            let init = randn(&mut rng, out_shape.iter().product(), 1.0);
+            let spec = MatmulSpec { trans_a, trans_b, alpha: 0.7, beta: 0.4 };
+            parity(&gpu, &format!("matmul {a_shape:?} x {b_shape:?} {spec:?}"), RTOL, |dev| {
+                let mut out = t(&init, &out_shape, dev);
+                matmul(&mut out, &t(&a, &a_shape, dev), &t(&b, &b_shape, dev), spec).unwrap();
+                vec![("out", host(&out))]
+            });
+        }
+    }
+}
+
+#[test]
+fn linear_and_soft_embedding_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(18);
+    for &(b, l, d_in, d_out) in &[(2, 9, 13, 5), (4, 64, 384, 1536)] {
+        let (x, w, bias) =
+            (randn(&mut rng, b * l * d_in, 1.0), randn(&mut rng, d_out * d_in, 0.1), randn(&mut rng, d_out, 1.0));
+        let dout = randn(&mut rng, b * l * d_out, 1.0);
+        let (init_x, init_w, init_b) =
+            (randn(&mut rng, b * l * d_in, 1.0), randn(&mut rng, d_out * d_in, 1.0), randn(&mut rng, d_out, 1.0));
+        for with_bias in [true, false] {
+            parity(&gpu, &format!("linear [{b}, {l}, {d_in}] -> {d_out} bias={with_bias}"), RTOL, |dev| {
+                let (xt, wt, bt) = (t(&x, &[b, l, d_in], dev), t(&w, &[d_out, d_in], dev), t(&bias, &[d_out], dev));
+                let mut out = t(&init_x[..1].repeat(b * l * d_out), &[b * l, d_out], dev);
+                linear_forward(&mut out, &xt, &wt, with_bias.then_some(&bt)).unwrap();
+                let (mut dx, mut dw, mut db) =
+                    (t(&init_x, &[b, l, d_in], dev), t(&init_w, &[d_out, d_in], dev), t(&init_b, &[d_out], dev));
+                let db_arg = if with_bias { Some(&mut db) } else { None };
+                linear_backward(Some(&mut dx), &mut dw, db_arg, &t(&dout, &[b * l, d_out], dev), &xt, &wt).unwrap();
+                vec![("out", host(&out)), ("dx", host(&dx)), ("dw", host(&dw)), ("db", host(&db))]
+            });
+        }
+    }
+    // Soft embeddings: [B, L, V] distributions against a [V, D] table.
+    let (b, l, v, d) = (2, 7, 301, 24);
+    let (probs, table, dout) =
+        (randn(&mut rng, b * l * v, 0.1), randn(&mut rng, v * d, 1.0), randn(&mut rng, b * l * d, 1.0));
+    let (init_p, init_t, init_o) =
+        (randn(&mut rng, b * l * v, 1.0), randn(&mut rng, v * d, 1.0), randn(&mut rng, b * l * d, 1.0));
+    for accumulate in [true, false] {
+        parity(&gpu, &format!("soft_embedding accumulate={accumulate}"), RTOL, |dev| {
+            let (p, tab) = (t(&probs, &[b, l, v], dev), t(&table, &[v, d], dev));
+            let mut out = t(&init_o, &[b, l, d], dev);
+            soft_embedding_forward(&mut out, &p, &tab, accumulate).unwrap();
+            let (mut dp, mut dt) = (t(&init_p, &[b, l, v], dev), t(&init_t, &[v, d], dev));
+            soft_embedding_backward(Some(&mut dp), &mut dt, &t(&dout, &[b, l, d], dev), &p, &tab).unwrap();
+            vec![("out", host(&out)), ("dprobs", host(&dp)), ("dtable", host(&dt))]
+        });
     }
 }
 
@@ -160,24 +223,37 @@ fn attention_matches_cpu() {
         let mask: Vec<f32> = (0..b * l).map(|i| f32::from(i % l < real[i / l])).collect();
         let init = randn(&mut rng, n, 1.0);
         let extra = (case != 1).then(|| randn(&mut rng, b * h * l * l, 0.1));
-        parity(&gpu, &format!("attention B={b} L={l} H={h} Dh={dh}"), RTOL, |dev| {
-            let (q, k, v, mask) = (t(&q, &x, dev), t(&k, &x, dev), t(&v, &x, dev), t(&mask, &[b, l], dev));
-            let mut out = Tensor::zeros(&x, dev).unwrap();
-            let (mut probs, mut scores) = (Tensor::zeros(&maps, dev).unwrap(), Tensor::zeros(&maps, dev).unwrap());
-            attention_forward(&mut out, &mut probs, Some(&mut scores), &q, &k, &v, &mask, None).unwrap();
-            let (mut dq, mut dk, mut dv) = (t(&init, &x, dev), t(&init, &x, dev), t(&init, &x, dev));
-            let extra = extra.as_ref().map(|e| t(e, &maps, dev));
-            attention_backward(&mut dq, &mut dk, &mut dv, &t(&dout, &x, dev), &q, &k, &v, &probs, extra.as_ref(), None)
+        for dropout in [None, Some(AttentionDropout { p: 0.1, seed: 77 + case as u64 })] {
+            parity(&gpu, &format!("attention B={b} L={l} H={h} Dh={dh} {dropout:?}"), RTOL, |dev| {
+                let (q, k, v, mask) = (t(&q, &x, dev), t(&k, &x, dev), t(&v, &x, dev), t(&mask, &[b, l], dev));
+                let mut out = Tensor::zeros(&x, dev).unwrap();
+                let (mut probs, mut scores) = (Tensor::zeros(&maps, dev).unwrap(), Tensor::zeros(&maps, dev).unwrap());
+                attention_forward(&mut out, &mut probs, Some(&mut scores), &q, &k, &v, &mask, dropout).unwrap();
+                let (mut dq, mut dk, mut dv) = (t(&init, &x, dev), t(&init, &x, dev), t(&init, &x, dev));
+                let extra = extra.as_ref().map(|e| t(e, &maps, dev));
+                attention_backward(
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    &t(&dout, &x, dev),
+                    &q,
+                    &k,
+                    &v,
+                    &probs,
+                    extra.as_ref(),
+                    dropout,
+                )
                 .unwrap();
-            vec![
-                ("out", host(&out)),
-                ("probs", host(&probs)),
-                ("scores", host(&scores)),
-                ("dq", host(&dq)),
-                ("dk", host(&dk)),
-                ("dv", host(&dv)),
-            ]
-        });
+                vec![
+                    ("out", host(&out)),
+                    ("probs", host(&probs)),
+                    ("scores", host(&scores)),
+                    ("dq", host(&dq)),
+                    ("dk", host(&dk)),
+                    ("dv", host(&dv)),
+                ]
+            });
+        }
     }
 }
 

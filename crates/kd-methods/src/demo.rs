@@ -35,11 +35,20 @@ pub struct DemoConfig {
     pub unlabelled: usize,
     pub dev_examples: usize,
     pub seed: u64,
+    /// Where the models live and train.
+    pub device: Device,
 }
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { teacher_examples: 4000, student_labels: 200, unlabelled: 4000, dev_examples: 1000, seed: 42 }
+        DemoConfig {
+            teacher_examples: 4000,
+            student_labels: 200,
+            unlabelled: 4000,
+            dev_examples: 1000,
+            seed: 42,
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -102,8 +111,8 @@ fn config(hidden: usize, layers: usize, heads: usize) -> Result<BertConfig> {
     serde_json::from_value(json).map_err(|e| crate::Error::Config(format!("demo config: {e}")))
 }
 
-fn fresh(config: BertConfig, seed: u64) -> Result<Bert> {
-    let weights = BertWeights::init(&config, 2, seed, &Device::Cpu)?;
+fn fresh(config: BertConfig, seed: u64, device: &Device) -> Result<Bert> {
+    let weights = BertWeights::init(&config, 2, seed, device)?;
     Ok(Bert::new(config, weights))
 }
 
@@ -153,7 +162,7 @@ pub fn run(cfg: &DemoConfig, observer: &mut dyn FnMut(&str, Event)) -> Result<Ve
     };
 
     // The teacher: 4 layers, width 64, plenty of clean labels.
-    let mut teacher = fresh(config(64, 4, 4)?, cfg.seed)?;
+    let mut teacher = fresh(config(64, 4, 4)?, cfg.seed, &cfg.device)?;
     let tc = train_config(4, 1e-3, cfg.seed);
     let report = train(&mut teacher, &teacher_set, None, &mut Ce, &tc, &mut |e| observer("teacher", e))?;
     record(
@@ -168,7 +177,7 @@ pub fn run(cfg: &DemoConfig, observer: &mut dyn FnMut(&str, Event)) -> Result<Ve
 
     // The student with its few labels only.
     let sc = train_config(20, 2e-3, cfg.seed + 1);
-    let mut ce_student = fresh(config(32, 1, 2)?, cfg.seed + 1)?;
+    let mut ce_student = fresh(config(32, 1, 2)?, cfg.seed + 1, &cfg.device)?;
     let report = train(&mut ce_student, &few, None, &mut Ce, &sc, &mut |e| observer("student ce", e))?;
     record(&ce_student, "student (1x32)", "ce", few.items.len(), 0, report.seconds, few.items.len() * sc.epochs)?;
 
@@ -182,7 +191,7 @@ pub fn run(cfg: &DemoConfig, observer: &mut dyn FnMut(&str, Event)) -> Result<Ve
     let Targets::Classes(labels) = &mut kd_set.targets else { unreachable!("demo sets are classification") };
     labels.extend(&teacher_labels[few.items.len()..]);
     let kc = train_config(3, 2e-3, cfg.seed + 1);
-    let mut kd_student = fresh(config(32, 1, 2)?, cfg.seed + 1)?;
+    let mut kd_student = fresh(config(32, 1, 2)?, cfg.seed + 1, &cfg.device)?;
     let mut objective = Kd { teacher: &mut cache, alpha: 1.0, temperature: 2.0 };
     train(&mut kd_student, &kd_set, None, &mut objective, &kc, &mut |e| observer("student kd", e))?;
     let seconds = started.elapsed().as_secs_f64();

@@ -197,8 +197,7 @@ pub fn attention_forward(
             );
             Ok(())
         }
-        Device::Cuda(_) if dropout.is_some() => Err(Error::CudaUnsupported { op: "attention_forward with dropout" }),
-        Device::Cuda(dev) => attention_forward_cuda(&dev, dims, out, probs, scores, q, k, v, mask),
+        Device::Cuda(dev) => attention_forward_cuda(&dev, dims, out, probs, scores, q, k, v, mask, dropout),
     }
 }
 
@@ -306,6 +305,7 @@ fn attention_forward_cuda(
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
+    dropout: Option<AttentionDropout>,
 ) -> Result<()> {
     const OP: &str = "attention_forward";
     if dims.is_empty() {
@@ -320,7 +320,8 @@ fn attention_forward_cuda(
     let mut b = dev.stream.launch_builder(&f);
     b.arg(cuda::slice_mut(out)?).arg(cuda::slice_mut(probs)?).opt_mut(scores);
     b.arg(cuda::slice(q)?).arg(cuda::slice(k)?).arg(cuda::slice(v)?).arg(cuda::slice(mask)?);
-    b.arg(&l).arg(&h).arg(&dh).arg(&scale);
+    let (drop_p, seed) = dropout.map_or((0.0f32, 0u64), |d| (d.p, d.seed));
+    b.arg(&l).arg(&h).arg(&dh).arg(&scale).arg(&drop_p).arg(&seed);
     // SAFETY: attention_forward_f32's parameters; attention_forward checked every shape against
     // `dims`, and the shared memory matches the kernel's layout.
     unsafe { b.launch(cfg) }.map_err(cuda_err)?;
@@ -340,6 +341,7 @@ fn attention_backward_cuda(
     v: &Tensor,
     probs: &Tensor,
     extra: Option<&Tensor>,
+    dropout: Option<AttentionDropout>,
 ) -> Result<()> {
     const OP: &str = "attention_backward";
     if dims.is_empty() {
@@ -355,17 +357,18 @@ fn attention_backward_cuda(
     let (dout, q, k, v, probs) =
         (cuda::slice(dout)?, cuda::slice(q)?, cuda::slice(k)?, cuda::slice(v)?, cuda::slice(probs)?);
     let extra = extra.map(cuda::slice).transpose()?;
+    let (drop_p, seed) = dropout.map_or((0.0f32, 0u64), |d| (d.p, d.seed));
     dev.with_scratch(dims.b * dims.heads * dims.l, |rowdot| {
         {
             let mut b = dev.stream.launch_builder(&dq_f);
             b.arg(cuda::slice_mut(dq)?).arg(&mut *rowdot).arg(dout).arg(k).arg(v).arg(probs).opt(extra);
-            b.arg(&l).arg(&h).arg(&dh).arg(&scale);
+            b.arg(&l).arg(&h).arg(&dh).arg(&scale).arg(&drop_p).arg(&seed);
             // SAFETY: attention_backward_dq_f32's parameters; rowdot holds B * H * L floats.
             unsafe { b.launch(dq_cfg) }.map_err(cuda_err)?;
         }
         let mut b = dev.stream.launch_builder(&dkv_f);
         b.arg(cuda::slice_mut(dk)?).arg(cuda::slice_mut(dv)?).arg(&*rowdot).arg(dout).arg(q).arg(v).arg(probs);
-        b.opt(extra).arg(&l).arg(&h).arg(&dh).arg(&scale);
+        b.opt(extra).arg(&l).arg(&h).arg(&dh).arg(&scale).arg(&drop_p).arg(&seed);
         // SAFETY: attention_backward_dkv_f32's parameters; rowdot was written by the dq kernel.
         unsafe { b.launch(dkv_cfg) }.map_err(cuda_err)?;
         Ok(())
@@ -425,8 +428,9 @@ pub fn attention_backward(
             attention_backward_cpu(dims, grads, dout, q, k, v, probs.cpu()?, extra, dropout);
             Ok(())
         }
-        Device::Cuda(_) if dropout.is_some() => Err(Error::CudaUnsupported { op: "attention_backward with dropout" }),
-        Device::Cuda(dev) => attention_backward_cuda(&dev, dims, (dq, dk, dv), dout, q, k, v, probs, dscores_extra),
+        Device::Cuda(dev) => {
+            attention_backward_cuda(&dev, dims, (dq, dk, dv), dout, q, k, v, probs, dscores_extra, dropout)
+        }
     }
 }
 

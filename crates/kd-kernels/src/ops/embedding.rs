@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::cuda::{self, Module};
 use crate::ops::bias::{expect_rows, lead_rows};
-use crate::ops::gemm::{all_threads, gemm_cpu, Mat};
+use crate::ops::gemm::{all_threads, gemm_cpu, gemm_cuda, GemmDims, GpuOperand, Mat};
 use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, IdTensor, Result, Tensor};
 
@@ -113,7 +113,11 @@ pub fn soft_embedding_forward(out: &mut Tensor, probs: &Tensor, table: &Tensor, 
             gemm_cpu(out.cpu_mut()?, probs, table, 1.0, if accumulate { 1.0 } else { 0.0 }, all_threads());
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            let dims = GemmDims { batch: 1, m: lead_rows(probs), n: d, k: v };
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            gemm_cuda(&dev, out, (probs, GpuOperand::plain(v)), (table, GpuOperand::plain(d)), dims, 1.0, beta)
+        }
     }
 }
 
@@ -145,7 +149,15 @@ pub fn soft_embedding_backward(
             gemm_cpu(dtable.cpu_mut()?, probs_t, dout_mat, 1.0, 1.0, all_threads());
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            let n = lead_rows(probs);
+            if let Some(dp) = dprobs {
+                let dims = GemmDims { batch: 1, m: n, n: v, k: d };
+                gemm_cuda(&dev, dp, (dout, GpuOperand::plain(d)), (table, GpuOperand::transposed(d)), dims, 1.0, 1.0)?;
+            }
+            let dims = GemmDims { batch: 1, m: v, n: d, k: n };
+            gemm_cuda(&dev, dtable, (probs, GpuOperand::transposed(v)), (dout, GpuOperand::plain(d)), dims, 1.0, 1.0)
+        }
     }
 }
 

@@ -1,11 +1,17 @@
 //! Matrix products: the general (batched, transposed, scaled) `matmul` and the `nn.Linear` pair.
 //!
-//! On the CPU every product goes through the `gemm` crate. A transposed operand is never copied:
-//! it is the same row-major buffer read with its row and column strides swapped.
+//! On the CPU every product goes through the `gemm` crate, on a GPU through cuBLAS (plain fp32
+//! math, no TF32, so both devices agree to rounding). A transposed operand is never copied: it is
+//! the same row-major buffer read with its row and column strides swapped.
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::ops::bias::{bias_backward, expect_rows, lead_rows};
+use crate::cuda;
+use crate::device::CudaDevice;
+use crate::ops::bias::{add_bias_inplace, bias_backward, expect_rows, lead_rows};
+use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
 /// How `matmul` combines its operands: `out = alpha * op(a) . op(b) + beta * out`.
@@ -70,7 +76,14 @@ pub fn matmul(out: &mut Tensor, a: &Tensor, b: &Tensor, spec: MatmulSpec) -> Res
             matmul_cpu(out.cpu_mut()?, batch.unwrap_or(1), a_mat, a_step, b_mat, b_step, spec.alpha, spec.beta);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            let a_op =
+                GpuOperand { cols: a_cols, transpose: spec.trans_a, step: batch_a.map_or(0, |_| a_rows * a_cols) };
+            let b_op =
+                GpuOperand { cols: b_cols, transpose: spec.trans_b, step: batch_b.map_or(0, |_| b_rows * b_cols) };
+            let dims = GemmDims { batch: batch.unwrap_or(1), m, n, k: ka };
+            gemm_cuda(&dev, out, (a, a_op), (b, b_op), dims, spec.alpha, spec.beta)
+        }
     }
 }
 
@@ -103,7 +116,14 @@ pub fn linear_forward(out: &mut Tensor, x: &Tensor, w: &Tensor, bias: Option<&Te
             gemm_cpu(out, x_mat, w_t, 1.0, beta, all_threads());
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            let dims = GemmDims { batch: 1, m: rows, n: d_out, k: d_in };
+            gemm_cuda(&dev, out, (x, GpuOperand::plain(d_in)), (w, GpuOperand::transposed(d_in)), dims, 1.0, 0.0)?;
+            match bias {
+                Some(bias) => add_bias_inplace(out, bias),
+                None => Ok(()),
+            }
+        }
     }
 }
 
@@ -144,7 +164,18 @@ pub fn linear_backward(
             }
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::CudaUnsupported { op: OP }),
+        Device::Cuda(dev) => {
+            if let Some(dx) = dx {
+                let dims = GemmDims { batch: 1, m: rows, n: d_in, k: d_out };
+                gemm_cuda(&dev, dx, (dout, GpuOperand::plain(d_out)), (w, GpuOperand::plain(d_in)), dims, 1.0, 1.0)?;
+            }
+            let dims = GemmDims { batch: 1, m: d_out, n: d_in, k: rows };
+            gemm_cuda(&dev, dw, (dout, GpuOperand::transposed(d_out)), (x, GpuOperand::plain(d_in)), dims, 1.0, 1.0)?;
+            match db {
+                Some(db) => bias_backward(db, dout),
+                None => Ok(()),
+            }
+        }
     }
 }
 
@@ -290,6 +321,85 @@ pub(crate) unsafe fn gemm_cpu_strided(
             par,
         );
     }
+}
+
+/// A row-major operand as cuBLAS reads it: `cols` columns as stored (its leading dimension), read
+/// transposed or not, `step` floats between the matrices of a batch (0: one matrix for all).
+#[derive(Clone, Copy)]
+pub(crate) struct GpuOperand {
+    pub cols: usize,
+    pub transpose: bool,
+    pub step: usize,
+}
+
+impl GpuOperand {
+    pub(crate) fn plain(cols: usize) -> Self {
+        GpuOperand { cols, transpose: false, step: 0 }
+    }
+
+    pub(crate) fn transposed(cols: usize) -> Self {
+        GpuOperand { cols, transpose: true, step: 0 }
+    }
+
+    fn op(self) -> cublasOperation_t {
+        if self.transpose {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    }
+}
+
+/// `batch` products of `op(a)` `[m, k]` by `op(b)` `[k, n]`.
+#[derive(Clone, Copy)]
+pub(crate) struct GemmDims {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// `out = alpha * op(a) . op(b) + beta * out` through cuBLAS, `out` packed `[batch, m, n]`, the
+/// shapes checked by the caller. cuBLAS is column-major, where a row-major matrix reads as its
+/// transpose; so it is asked for `out^T = op(b)^T . op(a)^T`: b first, m and n swapped.
+pub(crate) fn gemm_cuda(
+    dev: &CudaDevice,
+    out: &mut Tensor,
+    (a, a_op): (&Tensor, GpuOperand),
+    (b, b_op): (&Tensor, GpuOperand),
+    dims: GemmDims,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    const OP: &str = "cuBLAS gemm";
+    let GemmDims { batch, m, n, k } = dims;
+    if batch == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    let gemm = GemmConfig {
+        transa: b_op.op(),
+        transb: a_op.op(),
+        m: cuda::int(OP, "n", n)?,
+        n: cuda::int(OP, "m", m)?,
+        k: cuda::int(OP, "k", k)?,
+        alpha,
+        lda: cuda::int(OP, "b's columns", b_op.cols.max(1))?,
+        ldb: cuda::int(OP, "a's columns", a_op.cols.max(1))?,
+        beta,
+        ldc: cuda::int(OP, "n", n)?,
+    };
+    let cfg = StridedBatchedConfig {
+        gemm,
+        batch_size: cuda::int(OP, "batch", batch)?,
+        stride_a: b_op.step as i64,
+        stride_b: a_op.step as i64,
+        stride_c: (m * n) as i64,
+    };
+    let blas = dev.blas()?;
+    // SAFETY: the callers checked every operand's shape against (batch, m, n, k) and the strides,
+    // so cuBLAS reads and writes only inside the three buffers; `out` is a distinct tensor from
+    // `a` and `b` (Rust's borrows guarantee it).
+    unsafe { blas.gemm_strided_batched(cfg, cuda::slice(b)?, cuda::slice(a)?, cuda::slice_mut(out)?) }.map_err(cuda_err)
 }
 
 /// The batched product: one `gemm_cpu` per batch entry, `a_step`/`b_step` elements apart (0 for
