@@ -6,7 +6,7 @@
 #
 # Usage: scripts/gpu_pack.sh            (KD_ASSETS: the shared assets, default ../shared)
 #        scripts/gpu_pack.sh --models   also splits the two MiniLM checkpoints into .gpu-models/
-#                                       part-* files of at most 60 MB, to carry one per call
+#                                       part-* files of at most 54 MiB, to carry one per call
 #                                       (gpu_run.sh --models-from DIR joins them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ models=${KD_MODELS:-$HOME/.cache/kd/models}
 
 if [[ ${1:-} == --models ]]; then
     rm -rf .gpu-models && mkdir -p .gpu-models
-    tar -C "$models" -cf - all-MiniLM-L6-v2 paraphrase-MiniLM-L3-v2 | split -b 60M - .gpu-models/part-
+    tar -C "$models" -cf - all-MiniLM-L6-v2 paraphrase-MiniLM-L3-v2 | split -b 54M - .gpu-models/part-
     ls -l .gpu-models
     exit 0
 fi

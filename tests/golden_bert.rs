@@ -154,7 +154,11 @@ fn tiny_bert_gradients_on(g: &Golden, device: &Device) {
         let mut out_grads = acts.output_grads().unwrap();
         let loss = loss_fn(&mut out_grads, &acts);
         let want = g.losses[name].as_f64().unwrap();
-        assert!(((loss as f64) - want).abs() <= 1e-5 * want.abs(), "{device}: {name}: loss {loss}, PyTorch {want}");
+        // 2e-5: the KD loss is a small difference of two nearly equal cross-entropies, whose f32
+        // sums lose digits to cancellation (measured: 4.6e-6 on the CPU's sequential sums,
+        // 1.05e-5 on an H100's tree sums); the gradients below are held to the 1e-4.
+        let err = ((loss as f64) - want).abs() / want.abs();
+        assert!(err <= 2e-5, "{device}: {name}: loss {loss}, PyTorch {want} (rel err {err:e})");
 
         let mut grads = student.weights.zeros_like().unwrap();
         let mut d_embeds = Tensor::zeros(&[batch.rows(), student.config.hidden_size], device).unwrap();
