@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
@@ -120,24 +119,6 @@ impl CudaDevice {
             _ => unsafe { self.stream.alloc::<f32>(len.max(1)) }.map_err(cuda_err)?,
         };
         f(guard.insert(buf))
-    }
-
-    /// Lets `f` use `bytes` of dynamic shared memory, opting in beyond the default 48 KiB.
-    pub(crate) fn allow_shared_memory(&self, op: &'static str, f: &CudaFunction, bytes: usize) -> Result<()> {
-        const DEFAULT: usize = 48 * 1024;
-        if bytes <= DEFAULT {
-            return Ok(());
-        }
-        let max = self
-            .ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(cuda_err)?;
-        if bytes > max as usize {
-            return Err(Error::invalid(op, format!("needs {bytes} bytes of shared memory, the GPU has {max}")));
-        }
-        self.ctx.bind_to_thread().map_err(cuda_err)?;
-        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-            .map_err(cuda_err)
     }
 }
 

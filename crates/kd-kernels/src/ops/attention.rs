@@ -8,16 +8,21 @@
 //! are kept for backward and for attention-map distillation. HF adds `finfo.min` instead of
 //! `-inf`, so a query whose keys are all padded gets a uniform row rather than NaN; kd does the
 //! same, so its maps (and the losses distilled from them) match HF's.
+//!
+//! On a GPU the maps are materialised as in HF's eager attention: the matrix products of every
+//! head run in one cuBLAS pointer-array batched call each (plain fp32), reading the heads in
+//! place, and a row kernel fuses the mask, softmax and dropout (forward) or the dropout factors
+//! and softmax backward (backward) between them; `kernels/attention.cu` lists the launches.
 use std::marker::PhantomData;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::dropout::check_p;
-use super::gemm::{gemm_cpu, gemm_cpu_strided, Mat};
+use super::gemm::{gemm_batched_cuda, gemm_cpu, gemm_cpu_strided, GemmDims, Mat, PointerOperand};
 use super::opt_rows_mut;
-use crate::cuda::{self, Module, OptionalArg};
+use crate::cuda::{self, Module};
 use crate::device::CudaDevice;
 use crate::rng::uniform;
 use crate::tensor::cuda_err;
@@ -250,50 +255,145 @@ fn attention_forward_cpu(
     );
 }
 
-/// Tile sizes of `kernels/attention.cu` (ATT_BQ, ATT_BK, ATT_BI, ATT_MAX_DH, ATT_THREADS).
-const ATT_BQ: usize = 16;
-const ATT_BK: usize = 32;
-const ATT_BI: usize = 32;
-const ATT_MAX_DH: usize = 128;
-const ATT_THREADS: u32 = 256;
+/// The most operands one CUDA call's products read: the backward's q, k, v, dout, dq, dk, dv, the
+/// score gradient and the weights of dv (`kernels/attention.cu`'s ATT_OPERANDS).
+const ATT_OPERANDS: usize = 9;
+
+/// `attention_pointers_f32`'s operand table: device addresses, then batch and head strides in
+/// floats; the slots past a call's operands stay 0.
+type Operands = [[u64; ATT_OPERANDS]; 3];
 
 impl Dims {
-    /// The kernels' `L, H, Dh` after checking the sizes they take.
+    /// `[B * H * L, L, H * L]`: the map rows, their length and the rows per example, as the row
+    /// kernels take them (`gemm_batched_cuda` checks the products' sizes).
     fn cuda_ints(&self, op: &'static str) -> Result<[i32; 3]> {
-        if self.dh > ATT_MAX_DH {
-            return Err(Error::invalid(op, format!("head dim {} > {ATT_MAX_DH} has no CUDA kernel yet", self.dh)));
-        }
-        if self.b > 65_535 || self.heads > 65_535 {
-            return Err(Error::invalid(
-                op,
-                format!("{} x {} (batch x heads) exceeds the CUDA grid", self.b, self.heads),
-            ));
-        }
-        Ok([cuda::int(op, "L", self.l)?, cuda::int(op, "H", self.heads)?, cuda::int(op, "Dh", self.dh)?])
+        let rows = self.b * self.heads * self.l;
+        Ok([
+            cuda::int(op, "B * H * L", rows)?,
+            cuda::int(op, "L", self.l)?,
+            cuda::int(op, "H * L", self.heads * self.l)?,
+        ])
     }
 
-    /// Blocks of `rows` queries (or keys) per (head, batch), 256 threads, `floats` of shared memory.
-    fn launch(&self, rows: usize, floats: usize) -> LaunchConfig {
+    /// The row kernels' launch: one warp per map row.
+    fn row_launch(&self) -> LaunchConfig {
+        let rows = self.b * self.heads * self.l;
+        let per_block = (cuda::ROW_BLOCK / 32) as usize;
         LaunchConfig {
-            grid_dim: (self.l.div_ceil(rows) as u32, self.heads as u32, self.b as u32),
-            block_dim: (ATT_THREADS, 1, 1),
-            shared_mem_bytes: (floats * 4) as u32,
+            grid_dim: (rows.div_ceil(per_block) as u32, 1, 1),
+            block_dim: (cuda::ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
         }
-    }
-
-    /// The forward and dq kernels: a query tile, a key chunk and the tile's score rows.
-    fn query_blocks(&self) -> LaunchConfig {
-        self.launch(ATT_BQ, ATT_BQ * self.dh + ATT_BK * (self.dh + 1) + ATT_BQ * self.l)
-    }
-
-    /// The dk / dv kernel: the block's values, a query and a dout chunk, P and dS tiles.
-    fn key_blocks(&self) -> LaunchConfig {
-        self.launch(ATT_BK, ATT_BK * (self.dh + 1) + 2 * ATT_BI * self.dh + 2 * ATT_BI * (ATT_BK + 1))
     }
 }
 
-/// `kernels/attention.cu`'s forward: one block per 16 queries of a (batch, head), the score rows
-/// in shared memory.
+/// One CUDA call's scratch, in floats: the operands' pointer arrays (`ATT_OPERANDS * B * H`
+/// addresses, two floats each), then `maps` `[B, H, L, L]` buffers, each region on a 256-byte
+/// boundary, as cuBLAS's vector loads like.
+struct Scratch {
+    pointers: usize,
+    map: usize,
+    maps: usize,
+}
+
+impl Scratch {
+    fn new(dims: Dims, maps: usize) -> Self {
+        let aligned = |floats: usize| floats.next_multiple_of(64);
+        let heads = dims.b * dims.heads;
+        Scratch { pointers: aligned(2 * ATT_OPERANDS * heads), map: aligned(heads * dims.l * dims.l), maps }
+    }
+
+    fn len(&self) -> usize {
+        self.pointers + self.maps * self.map
+    }
+
+    /// The device address of map buffer `i` of a scratch buffer at `base`.
+    fn map_at(&self, base: u64, i: usize) -> u64 {
+        assert!(i < self.maps, "attention scratch: map {i} of {}", self.maps);
+        base + 4 * (self.pointers + i * self.map) as u64
+    }
+}
+
+/// The operands of one call's batched products: each gets an array of B * H head addresses at the
+/// front of the scratch, which `write` fills on the device.
+struct HeadArrays {
+    dims: Dims,
+    table: Operands,
+    count: usize,
+    /// The device address of the first array (the scratch's).
+    at: u64,
+}
+
+impl HeadArrays {
+    fn new(dims: Dims, at: u64) -> Self {
+        HeadArrays { dims, table: [[0; ATT_OPERANDS]; 3], count: 0, at }
+    }
+
+    /// The operand whose head (b, h) is at `ptr + b * batch_stride + h * head_stride` floats, with
+    /// rows `ld` floats apart.
+    fn add(&mut self, ptr: u64, batch_stride: usize, head_stride: usize, ld: usize) -> PointerOperand {
+        let t = self.count;
+        assert!(t < ATT_OPERANDS, "attention: more than {ATT_OPERANDS} operands");
+        self.count += 1;
+        self.table[0][t] = ptr;
+        self.table[1][t] = batch_stride as u64;
+        self.table[2][t] = head_stride as u64;
+        let heads = self.dims.b * self.dims.heads;
+        PointerOperand { ptrs: self.at + (8 * t * heads) as u64, ld, transpose: false }
+    }
+
+    /// A `[B, L, H * Dh]` activation: head (b, h) is `[L, Dh]`, its rows H * Dh apart.
+    fn activation(&mut self, ptr: u64) -> PointerOperand {
+        let d = self.dims;
+        self.add(ptr, d.l * d.hd(), d.dh, d.hd())
+    }
+
+    /// A `[B, H, L, L]` map: head (b, h) is a packed `[L, L]`.
+    fn map(&mut self, ptr: u64) -> PointerOperand {
+        let d = self.dims;
+        self.add(ptr, d.heads * d.l * d.l, d.l * d.l, d.l)
+    }
+
+    /// Writes the arrays of the operands added so far (`attention_pointers_f32`).
+    fn write(&self, dev: &CudaDevice, op: &'static str) -> Result<()> {
+        let heads = self.dims.b * self.dims.heads;
+        let n = cuda::int(op, "pointer count", self.count * heads)?;
+        let (count, heads_total, h) = (self.count as i32, cuda::int(op, "B * H", heads)?, self.dims.heads as i32);
+        let f = dev.function(Module::Attention, "attention_pointers_f32")?;
+        let mut b = dev.stream.launch_builder(&f);
+        b.arg(&self.at).arg(&self.table).arg(&count).arg(&heads_total).arg(&h);
+        // SAFETY: attention_pointers_f32(ptrs, ops, operands, heads_total, H) writes `n` addresses
+        // at `at`, the front of a scratch of at least ATT_OPERANDS * B * H of them
+        // (`Scratch::new`), which the caller holds; it reads no operand's memory.
+        unsafe { b.launch(cuda::elementwise_launch(n as usize)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// `c = alpha * op(a) . op(b) + beta * c` for every head, op(a) `[m, k]` and op(b) `[k, n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        dev: &CudaDevice,
+        (m, n, k): (usize, usize, usize),
+        a: PointerOperand,
+        b: PointerOperand,
+        c: PointerOperand,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let dims = GemmDims { batch: self.dims.b * self.dims.heads, m, n, k };
+        // SAFETY: `write` filled the arrays earlier on the stream; every operand was added from a
+        // buffer of the call whose guard the caller holds across the products, with the strides
+        // and leading dimension of its shape (checked by attention_forward / _backward), and no
+        // product writes a buffer it reads.
+        unsafe { gemm_batched_cuda(dev, dims, a, b, c, alpha, beta) }
+    }
+}
+
+/// The CUDA forward, four launches: the pointer arrays; `probs = scale * q . k^T` per head
+/// (cuBLAS); `attention_softmax_f32` adds the mask, keeps `scores`, takes the softmax and, with
+/// dropout, writes the dropped probabilities into scratch; `out = weights . v` per head (cuBLAS),
+/// the weights being the dropped probabilities or `probs`.
 #[allow(clippy::too_many_arguments)]
 fn attention_forward_cuda(
     dev: &CudaDevice,
@@ -311,25 +411,50 @@ fn attention_forward_cuda(
     if dims.is_empty() {
         return Ok(());
     }
-    let [l, h, dh] = dims.cuda_ints(OP)?;
+    let [rows, l_int, hl] = dims.cuda_ints(OP)?;
     let scale = 1.0 / (dims.dh as f32).sqrt();
-    let cfg = dims.query_blocks();
-    let f = dev.function(Module::Attention, "attention_forward_f32")?;
-    dev.allow_shared_memory(OP, &f, cfg.shared_mem_bytes as usize)?;
-    let scores = scores.map(cuda::slice_mut).transpose()?;
-    let mut b = dev.stream.launch_builder(&f);
-    b.arg(cuda::slice_mut(out)?).arg(cuda::slice_mut(probs)?).opt_mut(scores);
-    b.arg(cuda::slice(q)?).arg(cuda::slice(k)?).arg(cuda::slice(v)?).arg(cuda::slice(mask)?);
     let (drop_p, seed) = dropout.map_or((0.0f32, 0u64), |d| (d.p, d.seed));
-    b.arg(&l).arg(&h).arg(&dh).arg(&scale).arg(&drop_p).arg(&seed);
-    // SAFETY: attention_forward_f32's parameters; attention_forward checked every shape against
-    // `dims`, and the shared memory matches the kernel's layout.
-    unsafe { b.launch(cfg) }.map_err(cuda_err)?;
-    Ok(())
+    let softmax = dev.function(Module::Attention, "attention_softmax_f32")?;
+    // cuBLAS and the kernels get raw addresses; each buffer's guard, held to the end, orders its
+    // use against other streams, as cudarc's own launches do.
+    let s = &dev.stream;
+    let (q, _q) = cuda::slice(q)?.device_ptr(s);
+    let (k, _k) = cuda::slice(k)?.device_ptr(s);
+    let (v, _v) = cuda::slice(v)?.device_ptr(s);
+    let (mask, _mask) = cuda::slice(mask)?.device_ptr(s);
+    let (out, _out) = cuda::slice_mut(out)?.device_ptr_mut(s);
+    let (probs, _probs) = cuda::slice_mut(probs)?.device_ptr_mut(s);
+    let scores = scores.map(|t| cuda::slice_mut(t).map(|x| x.device_ptr_mut(s))).transpose()?;
+    let scores_ptr = scores.as_ref().map_or(0, |(p, _)| *p);
+    let layout = Scratch::new(dims, usize::from(dropout.is_some()));
+    dev.with_scratch(layout.len(), |scratch| {
+        let (base, _scratch) = scratch.device_ptr_mut(s);
+        let dropped = dropout.map(|_| layout.map_at(base, 0));
+        let mut heads = HeadArrays::new(dims, base);
+        let [qh, kh, vh, out_h] = [q, k, v, out].map(|p| heads.activation(p));
+        let (probs_h, weights) = (heads.map(probs), heads.map(dropped.unwrap_or(probs)));
+        heads.write(dev, OP)?;
+        let (l, dh) = (dims.l, dims.dh);
+        heads.gemm(dev, (l, l, dh), qh, kh.t(), probs_h, scale, 0.0)?;
+        {
+            let dropped = dropped.unwrap_or(0);
+            let mut b = s.launch_builder(&softmax);
+            b.arg(&probs).arg(&scores_ptr).arg(&dropped).arg(&mask);
+            b.arg(&rows).arg(&l_int).arg(&hl).arg(&drop_p).arg(&seed);
+            // SAFETY: attention_softmax_f32(probs, scores, dropped, mask, rows, L, hl, drop_p,
+            // seed): probs, scores (0: none) and dropped (a scratch map, 0: none) hold B * H * L
+            // rows of L floats, mask B rows of L; all are held.
+            unsafe { b.launch(dims.row_launch()) }.map_err(cuda_err)?;
+        }
+        heads.gemm(dev, (l, dh, l), weights, vh, out_h, 1.0, 0.0)
+    })
 }
 
-/// `kernels/attention.cu`'s backward: dq per query block (keeping each query's `P . dP`), then
-/// dk and dv per key block, which recompute their columns of the score gradient.
+/// The CUDA backward, six launches: the pointer arrays; `ds = dout . v^T` per head (cuBLAS) into
+/// scratch; `attention_softmax_backward_f32` applies the dropout factors and the softmax
+/// backward (+ dscores_extra) in place and, with dropout, writes the dropped probabilities into
+/// scratch; then per head (cuBLAS, beta = 1) `dv += weights^T . dout`, `dq += scale ds . k` and
+/// `dk += scale ds^T . q`, the weights being the dropped probabilities or `probs`.
 #[allow(clippy::too_many_arguments)]
 fn attention_backward_cuda(
     dev: &CudaDevice,
@@ -347,31 +472,46 @@ fn attention_backward_cuda(
     if dims.is_empty() {
         return Ok(());
     }
-    let [l, h, dh] = dims.cuda_ints(OP)?;
+    let [rows, l_int, _] = dims.cuda_ints(OP)?;
     let scale = 1.0 / (dims.dh as f32).sqrt();
-    let (dq_cfg, dkv_cfg) = (dims.query_blocks(), dims.key_blocks());
-    let dq_f = dev.function(Module::Attention, "attention_backward_dq_f32")?;
-    let dkv_f = dev.function(Module::Attention, "attention_backward_dkv_f32")?;
-    dev.allow_shared_memory(OP, &dq_f, dq_cfg.shared_mem_bytes as usize)?;
-    dev.allow_shared_memory(OP, &dkv_f, dkv_cfg.shared_mem_bytes as usize)?;
-    let (dout, q, k, v, probs) =
-        (cuda::slice(dout)?, cuda::slice(q)?, cuda::slice(k)?, cuda::slice(v)?, cuda::slice(probs)?);
-    let extra = extra.map(cuda::slice).transpose()?;
     let (drop_p, seed) = dropout.map_or((0.0f32, 0u64), |d| (d.p, d.seed));
-    dev.with_scratch(dims.b * dims.heads * dims.l, |rowdot| {
+    let softmax_backward = dev.function(Module::Attention, "attention_softmax_backward_f32")?;
+    // Raw addresses under held guards, as in the forward.
+    let s = &dev.stream;
+    let (dout, _dout) = cuda::slice(dout)?.device_ptr(s);
+    let (q, _q) = cuda::slice(q)?.device_ptr(s);
+    let (k, _k) = cuda::slice(k)?.device_ptr(s);
+    let (v, _v) = cuda::slice(v)?.device_ptr(s);
+    let (probs, _probs) = cuda::slice(probs)?.device_ptr(s);
+    let extra = extra.map(|t| cuda::slice(t).map(|x| x.device_ptr(s))).transpose()?;
+    let extra_ptr = extra.as_ref().map_or(0, |(p, _)| *p);
+    let (dq, _dq) = cuda::slice_mut(dq)?.device_ptr_mut(s);
+    let (dk, _dk) = cuda::slice_mut(dk)?.device_ptr_mut(s);
+    let (dv, _dv) = cuda::slice_mut(dv)?.device_ptr_mut(s);
+    let layout = Scratch::new(dims, 1 + usize::from(dropout.is_some()));
+    dev.with_scratch(layout.len(), |scratch| {
+        let (base, _scratch) = scratch.device_ptr_mut(s);
+        let ds = layout.map_at(base, 0);
+        let dropped = dropout.map(|_| layout.map_at(base, 1));
+        let mut heads = HeadArrays::new(dims, base);
+        let [qh, kh, vh, dout_h, dq_h, dk_h, dv_h] = [q, k, v, dout, dq, dk, dv].map(|p| heads.activation(p));
+        let (ds_h, weights) = (heads.map(ds), heads.map(dropped.unwrap_or(probs)));
+        heads.write(dev, OP)?;
+        let (l, dh) = (dims.l, dims.dh);
+        heads.gemm(dev, (l, l, dh), dout_h, vh.t(), ds_h, 1.0, 0.0)?;
         {
-            let mut b = dev.stream.launch_builder(&dq_f);
-            b.arg(cuda::slice_mut(dq)?).arg(&mut *rowdot).arg(dout).arg(k).arg(v).arg(probs).opt(extra);
-            b.arg(&l).arg(&h).arg(&dh).arg(&scale).arg(&drop_p).arg(&seed);
-            // SAFETY: attention_backward_dq_f32's parameters; rowdot holds B * H * L floats.
-            unsafe { b.launch(dq_cfg) }.map_err(cuda_err)?;
+            let dropped = dropped.unwrap_or(0);
+            let mut b = s.launch_builder(&softmax_backward);
+            b.arg(&ds).arg(&dropped).arg(&probs).arg(&extra_ptr);
+            b.arg(&rows).arg(&l_int).arg(&drop_p).arg(&seed);
+            // SAFETY: attention_softmax_backward_f32(ds, dropped, probs, extra, rows, L, drop_p,
+            // seed): ds and dropped (0: none) are scratch maps, probs and extra (0: none) the
+            // caller's; each holds B * H * L rows of L floats, and all are held.
+            unsafe { b.launch(dims.row_launch()) }.map_err(cuda_err)?;
         }
-        let mut b = dev.stream.launch_builder(&dkv_f);
-        b.arg(cuda::slice_mut(dk)?).arg(cuda::slice_mut(dv)?).arg(&*rowdot).arg(dout).arg(q).arg(v).arg(probs);
-        b.opt(extra).arg(&l).arg(&h).arg(&dh).arg(&scale).arg(&drop_p).arg(&seed);
-        // SAFETY: attention_backward_dkv_f32's parameters; rowdot was written by the dq kernel.
-        unsafe { b.launch(dkv_cfg) }.map_err(cuda_err)?;
-        Ok(())
+        heads.gemm(dev, (l, dh, l), weights.t(), dout_h, dv_h, 1.0, 1.0)?;
+        heads.gemm(dev, (l, dh, l), ds_h, kh, dq_h, scale, 1.0)?;
+        heads.gemm(dev, (l, dh, l), ds_h.t(), qh, dk_h, scale, 1.0)
     })
 }
 

@@ -342,11 +342,15 @@ impl GpuOperand {
     }
 
     fn op(self) -> cublasOperation_t {
-        if self.transpose {
-            cublasOperation_t::CUBLAS_OP_T
-        } else {
-            cublasOperation_t::CUBLAS_OP_N
-        }
+        blas_op(self.transpose)
+    }
+}
+
+fn blas_op(transpose: bool) -> cublasOperation_t {
+    if transpose {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
     }
 }
 
@@ -400,6 +404,73 @@ pub(crate) fn gemm_cuda(
     // so cuBLAS reads and writes only inside the three buffers; `out` is a distinct tensor from
     // `a` and `b` (Rust's borrows guarantee it).
     unsafe { blas.gemm_strided_batched(cfg, cuda::slice(b)?, cuda::slice(a)?, cuda::slice_mut(out)?) }.map_err(cuda_err)
+}
+
+/// One operand of [`gemm_batched_cuda`]: the device address of an array of device pointers, one
+/// row-major matrix per batch entry with rows `ld` floats apart, read transposed or not.
+#[derive(Clone, Copy)]
+pub(crate) struct PointerOperand {
+    pub ptrs: u64,
+    pub ld: usize,
+    pub transpose: bool,
+}
+
+impl PointerOperand {
+    /// The same matrices read transposed.
+    pub(crate) fn t(self) -> Self {
+        PointerOperand { transpose: !self.transpose, ..self }
+    }
+}
+
+/// [`gemm_cuda`] for matrices that no single batch stride reaches (attention's heads: Dh floats
+/// apart within an example, L * H * Dh between examples), through cuBLAS's pointer-array
+/// `cublasSgemmBatched`: `c[i] = alpha * op(a[i]) . op(b[i]) + beta * c[i]`, `c` never transposed.
+/// As in BLAS, `c` is not read when `beta == 0`.
+///
+/// # Safety
+/// The three arrays must hold `dims.batch` pointers each, written earlier on the device's stream,
+/// to live matrices of the sizes `dims` and the leading dimensions describe; no `c` matrix may
+/// overlap another operand's, and the caller must hold cudarc's guards of every buffer involved
+/// until this call has returned (cuBLAS only sees raw addresses).
+pub(crate) unsafe fn gemm_batched_cuda(
+    dev: &CudaDevice,
+    dims: GemmDims,
+    a: PointerOperand,
+    b: PointerOperand,
+    c: PointerOperand,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    const OP: &str = "cuBLAS batched gemm";
+    let GemmDims { batch, m, n, k } = dims;
+    if batch == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    debug_assert!(!c.transpose, "gemm_batched_cuda: the output is written as stored");
+    let blas = dev.blas()?;
+    // Column-major cuBLAS is asked for c^T = op(b)^T . op(a)^T, as in gemm_cuda.
+    // SAFETY: the caller's contract; alpha and beta are host values (cuBLAS's default pointer mode).
+    unsafe {
+        cudarc::cublas::sys::cublasSgemmBatched(
+            *blas.handle(),
+            blas_op(b.transpose),
+            blas_op(a.transpose),
+            cuda::int(OP, "n", n)?,
+            cuda::int(OP, "m", m)?,
+            cuda::int(OP, "k", k)?,
+            &alpha,
+            b.ptrs as *const *const f32,
+            cuda::int(OP, "b's leading dimension", b.ld.max(1))?,
+            a.ptrs as *const *const f32,
+            cuda::int(OP, "a's leading dimension", a.ld.max(1))?,
+            &beta,
+            c.ptrs as *const *mut f32,
+            cuda::int(OP, "c's leading dimension", c.ld.max(1))?,
+            cuda::int(OP, "batch", batch)?,
+        )
+    }
+    .result()
+    .map_err(cuda_err)
 }
 
 /// The batched product: one `gemm_cpu` per batch entry, `a_step`/`b_step` elements apart (0 for
