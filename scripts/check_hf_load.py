@@ -2,13 +2,17 @@
 """Checks that HF transformers loads a folder kd saved, and predicts what kd predicts.
 
 Usage: python3 scripts/check_hf_load.py MODEL_DIR [TEXT ...]
-Runs `kd-cli predict` (target/release/kd-cli, else `cargo run --release`) and
-transformers' BertForSequenceClassification on the same texts, and compares the class
-probabilities (max abs difference must be below 1e-4). Needs torch and transformers; without
-them it says so and exits 2 (nothing was checked).
+Loads MODEL_DIR with transformers' BertForSequenceClassification (every tensor must load: no
+missing, unexpected or mis-shaped ones), runs it and `kd-cli predict` (`cargo run --release`,
+so the binary matches the source; target/release/kd-cli where cargo is absent) on the same
+texts, and compares the class probabilities (max abs difference must be below 1e-4) and the
+predicted label names (kd's against the saved config's id2label). Exits 0 when all holds, 1
+when not. Needs torch and transformers; without them it says so and exits 2 (nothing was
+checked).
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,25 +30,40 @@ def main() -> int:
         print(f"torch/transformers not installed ({e}): the transformers load was NOT checked")
         return 2
 
-    model = BertForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
+    model, info = BertForSequenceClassification.from_pretrained(
+        model_dir, attn_implementation="eager", output_loading_info=True
+    )
+    model.eval()
+    not_loaded = {k: sorted(map(str, v)) for k, v in info.items() if v}
+    if not_loaded:
+        print(f"transformers did not load {model_dir} whole: {not_loaded}")
+        return 1
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with torch.no_grad():
         enc = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
         theirs = torch.softmax(model(**enc).logits.double(), dim=-1).tolist()
+    their_labels = [model.config.id2label[max(range(len(p)), key=p.__getitem__)] for p in theirs]
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     binary = os.path.join(root, "target", "release", "kd-cli")
-    cmd = [binary] if os.path.exists(binary) else ["cargo", "run", "--quiet", "--release", "-p", "kd-cli", "--"]
+    cmd = ["cargo", "run", "--quiet", "--release", "-p", "kd-cli", "--"] if shutil.which("cargo") else [binary]
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "texts.tsv")
         with open(data, "w") as f:
             f.write("sentence\n" + "".join(t.replace("\t", " ") + "\n" for t in texts))
         args = ["predict", "--model", model_dir, "--input", data, "--text-column", "sentence"]
-        out = subprocess.run(cmd + args, check=True, capture_output=True, text=True).stdout
-    ours = [json.loads(line)["probs"] for line in out.splitlines() if line.strip()]
-    worst = max(abs(a - b) for r1, r2 in zip(ours, theirs) for a, b in zip(r1, r2))
-    print(f"transformers loaded {model_dir}: {len(texts)} texts, max |p_kd - p_hf| = {worst:.2e}")
-    return 0 if worst < 1e-4 else 1
+        out = subprocess.run(cmd + args, check=True, capture_output=True, text=True, cwd=root).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    if len(rows) != len(texts) or any(len(r["probs"]) != len(p) for r, p in zip(rows, theirs)):
+        print(f"kd-cli predict gave {len(rows)} rows for {len(texts)} texts, or other class counts")
+        return 1
+    worst = max(abs(a - b) for r, p in zip(rows, theirs) for a, b in zip(r["probs"], p))
+    same_labels = [r["label"] for r in rows] == their_labels
+    print(
+        f"transformers loaded {model_dir} whole: {len(texts)} texts, max |p_kd - p_hf| = {worst:.2e}, "
+        f"labels {'agree' if same_labels else 'DIFFER'} ({', '.join(their_labels)})"
+    )
+    return 0 if worst < 1e-4 and same_labels else 1
 
 if __name__ == "__main__":
     sys.exit(main())
