@@ -1,18 +1,25 @@
 // Masked hidden-state MSE over several (student, teacher) layer pairs: the GPU side of
 // crates/kd-kernels/src/ops/hidden_mse.rs, which states the maths and is the reference.
 //
-// Three launches per call, whatever the number of pairs (up to KD_MSE_MAX_PAIRS per launch):
-//   hidden_mse_count_f32:    one block counts the real tokens (mask == 1) and flags a mask
-//                            value other than 0 or 1 (the CPU's error, found without a
-//                            synchronising copy): then every loss is NaN and no gradient is
-//                            written;
-//   hidden_mse_f32:          grid (blocks, pairs): squared differences of real tokens summed
-//                            into one partial per block, and the gradient written;
-//   hidden_mse_finalize_f32: sums each pair's partials in a fixed order (in double), so the
-//                            losses are reproducible bit for bit.
+// One launch per call (per KD_MSE_MAX_PAIRS pairs), grid (blocks, pairs), after the host has
+// zeroed the launch's block counter:
+//   - every block counts the real tokens (mask == 1) itself, from L2, since it needs the count
+//     to scale the gradients it writes; a mask value other than 0 or 1 (the CPU's error, found
+//     without a synchronising copy) makes every loss NaN and no gradient is written;
+//   - each warp takes whole token rows of its block's pair, reads the row's mask once and
+//     skips padding rows, with 16-byte loads where D % 4 == 0 and the pair's buffers are
+//     16-byte aligned (scalar loads otherwise); the block's sum of (s - t)^2 goes to one partial;
+//   - the block that finishes last (a counter, the only atomic, counts the blocks) sums each
+//     pair's partials in block order, in double, so the losses are reproducible bit for bit.
+// Traffic: s and t once and dstudent read and written, 16 bytes per real element (8 without
+// gradients), plus the mask and the partials.
 #include "common.cuh"
 
 #define KD_MSE_MAX_PAIRS 32
+// Threads per block (MSE_BLOCK in ops/hidden_mse.rs), and the blocks an SM should hold at
+// once: at most 40 registers a thread, so that the host's grid of 6 blocks per SM is one wave.
+#define KD_MSE_THREADS 256
+#define KD_MSE_BLOCKS_PER_SM 6
 
 // Device pointers of one launch's pairs; ds[p] null when pair p's gradient is not wanted.
 struct MsePairs {
@@ -21,71 +28,102 @@ struct MsePairs {
     float* ds[KD_MSE_MAX_PAIRS];
 };
 
-// stats[0]: the number of real tokens (int bits), stats[1]: 1 when the mask is invalid.
-extern "C" __global__ void hidden_mse_count_f32(const float* __restrict__ mask, int n, float* __restrict__ stats) {
+struct MseCounts {
+    int real, bad;
+};
+
+struct MseCountsAdd {
+    __device__ MseCounts operator()(MseCounts a, MseCounts b) const { return MseCounts{a.real + b.real, a.bad | b.bad}; }
+};
+
+__device__ __forceinline__ bool kd_aligned16(const void* p) { return ((unsigned long long)p & 15) == 0; }
+
+// One token row: adds its squared differences to `sum` and grad_coef * (s - t) to ds (when
+// given), lane by lane across a warp.
+__device__ __forceinline__ void mse_row(const float* s, const float* t, float* ds, int d, bool vec, float grad_coef,
+                                        int lane, float& sum) {
+    if (vec) {
+        const float4* s4 = reinterpret_cast<const float4*>(s);
+        const float4* t4 = reinterpret_cast<const float4*>(t);
+        float4* ds4 = reinterpret_cast<float4*>(ds);
+        for (int q = lane; q < d / 4; q += 32) {
+            const float4 a = s4[q], b = t4[q];
+            const float dx = a.x - b.x, dy = a.y - b.y, dz = a.z - b.z, dw = a.w - b.w;
+            sum += dx * dx;
+            sum += dy * dy;
+            sum += dz * dz;
+            sum += dw * dw;
+            if (ds) {
+                float4 g = ds4[q];
+                g.x += grad_coef * dx;
+                g.y += grad_coef * dy;
+                g.z += grad_coef * dz;
+                g.w += grad_coef * dw;
+                ds4[q] = g;
+            }
+        }
+    } else {
+        for (int j = lane; j < d; j += 32) {
+            const float diff = s[j] - t[j];
+            sum += diff * diff;
+            if (ds) ds[j] += grad_coef * diff;
+        }
+    }
+}
+
+// partials[p * gridDim.x + blockIdx.x]: the block's sum of (s - t)^2 over its real rows of pair
+// p; `done` counts finished blocks (zero at launch); losses[p] for the launch's pairs.
+extern "C" __global__ void __launch_bounds__(KD_MSE_THREADS, KD_MSE_BLOCKS_PER_SM) hidden_mse_f32(MsePairs pairs, const float* __restrict__ mask, int n, int d,
+                                          float grad_scale, float* __restrict__ partials,
+                                          unsigned int* __restrict__ done, float* __restrict__ losses) {
     BlockTeam team{(int)threadIdx.x, (int)blockDim.x};
     int real = 0, bad = 0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float m = mask[i];
+        const float m = mask[i];
         real += m == 1.f;
         bad |= m != 0.f && m != 1.f;
     }
-    struct Counts {
-        int real, bad;
-    };
-    struct Add {
-        __device__ Counts operator()(Counts a, Counts b) const { return Counts{a.real + b.real, a.bad | b.bad}; }
-    };
-    Counts c = team.reduce(Counts{real, bad}, Add{});
-    if (threadIdx.x == 0) {
-        stats[0] = __int_as_float(c.real);
-        stats[1] = c.bad ? 1.f : 0.f;
-    }
-}
+    const MseCounts counts = team.reduce(MseCounts{real, bad}, MseCountsAdd{});
 
-// partials[p * gridDim.x + blockIdx.x]: block's sum of (s - t)^2 over real tokens of pair p.
-extern "C" __global__ void hidden_mse_f32(MsePairs pairs, const float* __restrict__ mask, int n, int d,
-                                          float grad_scale, const float* __restrict__ stats,
-                                          float* __restrict__ partials) {
-    BlockTeam team{(int)threadIdx.x, (int)blockDim.x};
     const int p = blockIdx.y;
-    const int real = __float_as_int(stats[0]);
-    const bool bad = stats[1] != 0.f;
-    const float* s = pairs.s[p];
-    const float* t = pairs.t[p];
-    float* ds = bad ? nullptr : pairs.ds[p];
-    const float norm = 1.f / (float)((long long)real * d);
-    const float grad_coef = grad_scale * 2.f * norm;
-    const int total = n * d;  // the host keeps n * d below 2^31
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float sum = 0.f;
-    if (real > 0) {
-        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-            if (mask[i / d] != 1.f) continue;
-            float diff = s[i] - t[i];
-            sum += diff * diff;
-            if (ds) ds[i] += grad_coef * diff;
+    if (counts.real > 0 && !counts.bad) {
+        const float* s = pairs.s[p];
+        const float* t = pairs.t[p];
+        float* ds = pairs.ds[p];
+        const float norm = 1.f / (float)((long long)counts.real * d);
+        const float grad_coef = grad_scale * 2.f * norm;
+        const bool vec = d % 4 == 0 && kd_aligned16(s) && kd_aligned16(t) && (!ds || kd_aligned16(ds));
+        for (int row = blockIdx.x * warps + warp; row < n; row += gridDim.x * warps) {
+            if (mask[row] != 1.f) continue;
+            const size_t base = (size_t)row * d;
+            mse_row(s + base, t + base, ds ? ds + base : nullptr, d, vec, grad_coef, lane, sum);
         }
     }
     sum = team.reduce(sum, KdSum{});
-    if (threadIdx.x == 0) partials[p * gridDim.x + blockIdx.x] = sum;
-}
 
-// losses[p] for the launch's pairs, one thread per pair.
-extern "C" __global__ void hidden_mse_finalize_f32(const float* __restrict__ partials, int blocks, int pairs, int d,
-                                                   const float* __restrict__ stats, float* __restrict__ losses) {
-    int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= pairs) return;
-    const int real = __float_as_int(stats[0]);
-    if (stats[1] != 0.f) {
-        losses[p] = KD_NAN;
-        return;
+    // The last block to finish: the writer's fence orders its partial before its count, the
+    // reader's after the count, and __ldcg reads the partials from L2, past this SM's L1.
+    __shared__ bool last;
+    if (threadIdx.x == 0) {
+        partials[p * gridDim.x + blockIdx.x] = sum;
+        __threadfence();
+        last = atomicAdd(done, 1u) == gridDim.x * gridDim.y - 1;
     }
-    if (real == 0 || d == 0) {
-        losses[p] = 0.f;
-        return;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const float norm = 1.f / (float)((long long)counts.real * d);
+    for (int q = warp; q < (int)gridDim.y; q += warps) {
+        double total = 0.0;
+        for (int b = lane; b < (int)gridDim.x; b += 32) total += (double)__ldcg(partials + q * gridDim.x + b);
+        // Lanes and then the butterfly add in a fixed order, whatever the scheduling.
+        for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(KD_FULL_MASK, total, offset);
+        if (lane == 0) {
+            if (counts.bad) losses[q] = KD_NAN;
+            else if (counts.real == 0 || d == 0) losses[q] = 0.f;
+            else losses[q] = (float)(total * (double)norm);
+        }
     }
-    double total = 0.0;
-    for (int b = 0; b < blocks; ++b) total += (double)partials[p * blocks + b];
-    const float norm = 1.f / (float)((long long)real * d);
-    losses[p] = (float)(total * (double)norm);
 }

@@ -1,14 +1,22 @@
 // Fused softmax-KL with temperature, forward and backward in one launch: the GPU side of
 // crates/kd-kernels/src/ops/softmax_kl.rs, which states the maths and is the reference.
 //
-// Each thread scans its strided share of a row with the same online update as the CPU's
-// RowScan (running maxima of the raw logits, sums rescaled when the maximum moves), the
-// partial scans are merged exactly (a merge is the online update applied to a whole partial
-// state), and a second read of the row, from L1/L2, writes the gradients. Two launch shapes:
-//   softmax_kl_f32_warp:  `group` lanes of a warp (a power of two <= 32) per row, several rows
-//                         per warp when rows are short, for rows up to 1,024 classes (labels,
-//                         attention keys);
-//   softmax_kl_f32_block: one block per row, for vocabulary-wide rows (30,522).
+// Each thread scans its share of a row with the same online update as the CPU's RowScan
+// (running maxima of the raw logits, sums rescaled when the maximum moves), the partial scans
+// are merged exactly (a merge is the online update applied to a whole partial state), and a
+// gradient pass over the same values writes the gradients. Three launch shapes:
+//   softmax_kl_f32_warp:     `group` lanes of a warp (a power of two <= 32) per row, several
+//                            rows per warp when rows are short, for rows up to 1,024 classes
+//                            (labels, attention keys); the gradient pass rereads the row from L1;
+//   softmax_kl_f32_resident: one 1,024-thread block per row of 8,193 to 30,720 classes (BERT's
+//                            30,522), the teacher row and half the student row in shared memory
+//                            and the rest in registers, so the row comes from DRAM once: 16 bytes
+//                            per class with a student gradient (read both rows, read and write
+//                            dstudent) instead of 24 when the gradient pass rereads rows that no
+//                            longer fit in L2;
+//   softmax_kl_f32_block:    one block per row, the gradient pass rereading the row, for the
+//                            other wide rows: up to 8,192 classes the rows in flight fit in L2,
+//                            and wider than 30,720 they do not fit on chip.
 // Masked entries (f32::MIN or -inf in both rows) get zero teacher probability and so add 0 to
 // the loss and to both gradients; a row of only f32::MIN is uniform, as on the CPU.
 #include "common.cuh"
@@ -93,6 +101,51 @@ struct KlArgs {
     float grad_scale;
 };
 
+// RowScan::log_norm_gap, RowScan::divergence and the per-row constants of RowScan::gradients.
+struct KlRow {
+    float max_t, max_s, inv_t;
+    float inv_sum_t, inv_sum_s, log_sum_s;
+    float gap;    // log Z_s - log Z_t
+    float div;    // the divergence before w T^2
+    float scale;  // grad_scale * w * T
+    int form;
+};
+
+__device__ __forceinline__ KlRow kl_finish(const KlStats& st, const KlArgs& a, float w) {
+    KlRow r;
+    r.max_t = st.max_t;
+    r.max_s = st.max_s;
+    r.inv_t = a.inv_t;
+    r.gap = (st.max_s - st.max_t) * a.inv_t + logf(st.sum_s) - logf(st.sum_t);
+    r.div = st.cross / st.sum_t + r.gap;
+    if (a.form == 1) r.div = r.div + logf(st.sum_t) - st.ent_t / st.sum_t;
+    r.scale = a.grad_scale * w * a.t;
+    r.inv_sum_t = 1.f / st.sum_t;
+    r.inv_sum_s = 1.f / st.sum_s;
+    r.log_sum_s = logf(st.sum_s);
+    r.form = a.form;
+    return r;
+}
+
+struct KlGrad {
+    float ds, dt;
+};
+
+// RowScan::gradients for one class: what it adds to dstudent and to dteacher.
+__device__ __forceinline__ KlGrad kl_grad(const KlRow& r, float s, float t) {
+    float pt = expf((t - r.max_t) * r.inv_t) * r.inv_sum_t;
+    float rel_s = (s - r.max_s) * r.inv_t;
+    KlGrad g;
+    g.ds = r.scale * (expf(rel_s) * r.inv_sum_s - pt);
+    g.dt = 0.f;
+    // p_t = 0 has no gradient; d there may be -inf - -inf.
+    if (pt > 0.f) {
+        float d = r.form == 0 ? (t - s) * r.inv_t + r.gap : r.log_sum_s - rel_s;
+        g.dt = r.scale * pt * (d - r.div);
+    }
+    return g;
+}
+
 template <class Team>
 __device__ __forceinline__ void kl_row(const Team& team, int row, const KlArgs& a) {
     float w = a.w ? a.w[row] : 1.f;
@@ -103,31 +156,16 @@ __device__ __forceinline__ void kl_row(const Team& team, int row, const KlArgs& 
     const size_t base = (size_t)row * a.c;
     const float* zs = a.zs + base;
     const float* zt = a.zt + base;
-    const float inv_t = a.inv_t;
     KlStats st = kl_empty();
-    for (int i = team.lane; i < a.c; i += team.size) kl_push(st, zs[i], zt[i], inv_t);
-    st = team.reduce(st, KlMerge{inv_t});
-
-    // RowScan::log_norm_gap and RowScan::divergence.
-    float gap = (st.max_s - st.max_t) * inv_t + logf(st.sum_s) - logf(st.sum_t);
-    float div = st.cross / st.sum_t + gap;
-    if (a.form == 1) div = div + logf(st.sum_t) - st.ent_t / st.sum_t;
-    if (team.lane == 0) a.loss[row] = w * a.t * a.t * div;
+    for (int i = team.lane; i < a.c; i += team.size) kl_push(st, zs[i], zt[i], a.inv_t);
+    st = team.reduce(st, KlMerge{a.inv_t});
+    const KlRow r = kl_finish(st, a, w);
+    if (team.lane == 0) a.loss[row] = w * a.t * a.t * r.div;
     if (!a.ds && !a.dt) return;
-
-    // RowScan::gradients.
-    float scale = a.grad_scale * w * a.t;
-    float inv_sum_t = 1.f / st.sum_t, inv_sum_s = 1.f / st.sum_s, log_sum_s = logf(st.sum_s);
     for (int i = team.lane; i < a.c; i += team.size) {
-        float s = zs[i], t = zt[i];
-        float pt = expf((t - st.max_t) * inv_t) * inv_sum_t;
-        float rel_s = (s - st.max_s) * inv_t;
-        if (a.ds) a.ds[base + i] += scale * (expf(rel_s) * inv_sum_s - pt);
-        // p_t = 0 has no gradient; d there may be -inf - -inf.
-        if (a.dt && pt > 0.f) {
-            float d = a.form == 0 ? (t - s) * inv_t + gap : log_sum_s - rel_s;
-            a.dt[base + i] += scale * pt * (d - div);
-        }
+        const KlGrad g = kl_grad(r, zs[i], zt[i]);
+        if (a.ds) a.ds[base + i] += g.ds;
+        if (a.dt) a.dt[base + i] += g.dt;
     }
 }
 
@@ -150,4 +188,109 @@ extern "C" __global__ void softmax_kl_f32_block(KL_PARAMS) {
     if ((int)blockIdx.x >= rows) return;
     BlockTeam team{(int)threadIdx.x, (int)blockDim.x};
     kl_row(team, blockIdx.x, KL_ARGS);
+}
+
+// softmax_kl_f32_resident's shape (RESIDENT_* in ops/softmax_kl.rs): 1,024 threads, each
+// holding 30 slots of the row (class lane + k * 1,024 in slot k, so every access is coalesced
+// and conflict-free). The teacher row and the student's first KD_KL_SHARED_SLOTS slots are in
+// shared memory, (KD_KL_SHARED_SLOTS + 30) * 4 KiB of it; the student's other slots are in
+// registers: more of them spill at the 64 registers a thread that a 1,024-thread block allows.
+// The gradient pass loads KD_KL_GRAD_BATCH old gradients per thread before it stores any, so
+// that several are in flight at once.
+#define KD_KL_RESIDENT_THREADS 1024
+#define KD_KL_RESIDENT_SLOTS 30
+#define KD_KL_SHARED_SLOTS 16
+#define KD_KL_GRAD_BATCH 6
+
+// Copies one float from global memory to the shared memory at byte address `shared_dst`
+// without a register (cp.async, sm_80+): the teacher row goes straight to shared memory while
+// the student row fills the registers.
+__device__ __forceinline__ void kd_cp_async_f32(unsigned shared_dst, const float* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(shared_dst), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void kd_cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Asks L2 for the 32-byte sector holding p; a hint, nothing is loaded into registers.
+__device__ __forceinline__ void kd_prefetch_l2(const float* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+extern "C" __global__ void __launch_bounds__(KD_KL_RESIDENT_THREADS, 1) softmax_kl_f32_resident(KL_PARAMS) {
+    // The student's shared slots, then all 30 slots of the teacher.
+    extern __shared__ float rows_sh[];
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const KlArgs a = KL_ARGS;
+    const float wr = a.w ? a.w[row] : 1.f;
+    if (wr == 0.f) {
+        if (threadIdx.x == 0) a.loss[row] = 0.f;
+        return;
+    }
+    const int lane = threadIdx.x;
+    // This thread's classes are lane + k * 1,024 for the slots k < `slots`; every pointer below
+    // is at class `lane`, so a slot is a constant offset from it.
+    const int slots = (a.c - lane + KD_KL_RESIDENT_THREADS - 1) / KD_KL_RESIDENT_THREADS;
+    const size_t first = (size_t)row * a.c + lane;
+    const float* zs_at = a.zs + first;
+    const float* zt_at = a.zt + first;
+    const float* zs_sh = rows_sh + lane;
+    const float* zt_sh = rows_sh + KD_KL_SHARED_SLOTS * KD_KL_RESIDENT_THREADS + lane;
+    const unsigned zs_sh_addr = (unsigned)__cvta_generic_to_shared(zs_sh);
+    const unsigned zt_sh_addr = (unsigned)__cvta_generic_to_shared(zt_sh);
+#define KD_KL_AT(k) ((k) * KD_KL_RESIDENT_THREADS)
+#define KD_KL_STUDENT(k) ((k) < KD_KL_SHARED_SLOTS ? zs_sh[KD_KL_AT(k)] : s[k])
+    // Both rows are read once, so the register loads go through L2 as evict-first (ld.cs).
+    // Each thread reads back only the shared memory it wrote, so no barrier guards it.
+    float s[KD_KL_RESIDENT_SLOTS];  // only the slots from KD_KL_SHARED_SLOTS on are used
+    // A slot past the row loads the thread's last class again (c >= 1,024 gives every thread
+    // one), so the loads need no branches; the scan and the gradients skip it. The register
+    // loads go first: the wait for the copies to shared memory would hold back any after it.
+#pragma unroll
+    for (int k = KD_KL_SHARED_SLOTS; k < KD_KL_RESIDENT_SLOTS; ++k) s[k] = __ldcs(zs_at + KD_KL_AT(min(k, slots - 1)));
+#pragma unroll
+    for (int k = 0; k < KD_KL_RESIDENT_SLOTS; ++k) {
+        const int at = KD_KL_AT(min(k, slots - 1));
+        kd_cp_async_f32(zt_sh_addr + 4 * KD_KL_AT(k), zt_at + at);
+        if (k < KD_KL_SHARED_SLOTS) kd_cp_async_f32(zs_sh_addr + 4 * KD_KL_AT(k), zs_at + at);
+    }
+    kd_cp_async_wait_all();
+    float* ds_at = a.ds ? a.ds + first : nullptr;
+    float* dt_at = a.dt ? a.dt + first : nullptr;
+    // The old gradients come from DRAM while this block scans and reduces, when it has no
+    // other DRAM traffic; the gradient pass then finds them in L2. One prefetch per 32-byte
+    // sector: every 8th class.
+    for (int k = 0; k * KD_KL_RESIDENT_THREADS * 8 + lane * 8 < a.c; ++k) {
+        if (ds_at) kd_prefetch_l2(ds_at + 7 * lane + KD_KL_AT(8 * k));
+        if (dt_at) kd_prefetch_l2(dt_at + 7 * lane + KD_KL_AT(8 * k));
+    }
+    KlStats st = kl_empty();
+#pragma unroll
+    for (int k = 0; k < KD_KL_RESIDENT_SLOTS; ++k) {
+        if (k < slots) kl_push(st, KD_KL_STUDENT(k), zt_sh[KD_KL_AT(k)], a.inv_t);
+    }
+    BlockTeam team{lane, KD_KL_RESIDENT_THREADS};
+    st = team.reduce(st, KlMerge{a.inv_t});
+    const KlRow r = kl_finish(st, a, wr);
+    if (lane == 0) a.loss[row] = wr * a.t * a.t * r.div;
+    if (!ds_at && !dt_at) return;
+#pragma unroll
+    for (int k0 = 0; k0 < KD_KL_RESIDENT_SLOTS; k0 += KD_KL_GRAD_BATCH) {
+        float old_ds[KD_KL_GRAD_BATCH], old_dt[KD_KL_GRAD_BATCH];
+#pragma unroll
+        for (int j = 0; j < KD_KL_GRAD_BATCH; ++j) {
+            const int k = k0 + j;
+            old_ds[j] = ds_at && k < slots ? ds_at[KD_KL_AT(k)] : 0.f;
+            old_dt[j] = dt_at && k < slots ? dt_at[KD_KL_AT(k)] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < KD_KL_GRAD_BATCH; ++j) {
+            const int k = k0 + j;
+            if (k < slots) {
+                const KlGrad g = kl_grad(r, KD_KL_STUDENT(k), zt_sh[KD_KL_AT(k)]);
+                if (ds_at) ds_at[KD_KL_AT(k)] = old_ds[j] + g.ds;
+                if (dt_at) dt_at[KD_KL_AT(k)] = old_dt[j] + g.dt;
+            }
+        }
+    }
+#undef KD_KL_STUDENT
+#undef KD_KL_AT
 }

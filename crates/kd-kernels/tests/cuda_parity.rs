@@ -127,9 +127,24 @@ fn linear_and_soft_embedding_match_cpu() {
 fn softmax_kl_matches_cpu() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(11);
-    // Group sizes 4 and 32 (two lanes' worth per lane), a warp's maximum, C = 1, and the block
-    // kernel just past the warp limit and at the BERT vocabulary.
-    for (case, &(rows, c)) in [(37, 3), (19, 33), (8, 1024), (5, 1), (2, 1025), (3, 30_522)].iter().enumerate() {
+    // Group sizes 4 and 32 (two lanes' worth per lane), a warp's maximum, C = 1, the block
+    // kernel just past the warp limit, at its limit below the resident kernel and past the
+    // resident kernel's limit, and the resident kernel at the BERT vocabulary (not a multiple of
+    // 4), just past its lower limit and at its upper one; each kernel with and without dteacher.
+    let cases = [
+        (37, 3),
+        (19, 33),
+        (8, 1024),
+        (5, 1),
+        (2, 1025),
+        (3, 30_522),
+        (4, 30_522),
+        (2, 8193),
+        (3, 30_720),
+        (2, 30_721),
+        (2, 8192),
+    ];
+    for (case, &(rows, c)) in cases.iter().enumerate() {
         let (mut zs, mut zt) = (randn(&mut rng, rows * c, 3.0), randn(&mut rng, rows * c, 3.0));
         // Masked entries (f32::MIN in both rows), and a fully masked last row.
         for i in 0..rows * c {
@@ -163,8 +178,19 @@ fn softmax_kl_matches_cpu() {
 fn hidden_mse_matches_cpu() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(12);
-    // (pairs, N, D, share of real tokens): 33 pairs take two launches; the last case is all padding.
-    for &(pairs, n, d, real) in &[(3, 37, 48, 0.7), (33, 5, 7, 0.6), (6, 512, 384, 0.8), (2, 6, 16, 0.0)] {
+    // (pairs, N, D, share of real tokens): 33 pairs take two launches; 16-byte loads where D is a
+    // multiple of 4 (fewer columns than lanes at D = 20), scalar loads at odd D; with 32 pairs
+    // and 700 or 4 pairs and 7,000 tokens each warp takes several rows; the last case is all
+    // padding.
+    let cases = [
+        (3, 37, 48, 0.7),
+        (33, 5, 7, 0.6),
+        (6, 512, 384, 0.8),
+        (32, 700, 20, 0.5),
+        (4, 7000, 129, 0.9),
+        (2, 6, 16, 0.0),
+    ];
+    for &(pairs, n, d, real) in &cases {
         let mut mask: Vec<f32> = (0..n).map(|_| f32::from(rng.uniform() < real)).collect();
         if real > 0.0 {
             mask[0] = 1.0;

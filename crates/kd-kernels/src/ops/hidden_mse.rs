@@ -74,13 +74,19 @@ pub fn hidden_mse(
 
 /// Layer pairs per launch: the size of `MsePairs` in `kernels/hidden_mse.cu`.
 const MAX_PAIRS: usize = 32;
-/// Threads per block of `hidden_mse_f32`, and the elements each thread takes at least.
+/// Threads per block of `hidden_mse_f32` (`KD_MSE_THREADS`): 8 warps, each taking whole token
+/// rows.
 const MSE_BLOCK: u32 = 256;
-const MSE_PER_THREAD: usize = 8;
+/// Blocks per launch at most: the 6 blocks per SM that the kernel's launch bounds allow, on an
+/// H100's 132 SMs, so that the grid is one wave with every warp's loads in flight from the
+/// start (a second, partial wave would run with too few loads in flight to fill the bus), and
+/// each block counts the mask once for several rows.
+const MSE_GRID: usize = 6 * 132;
 
-/// `kernels/hidden_mse.cu`: the real tokens counted once, every pair's squared differences and
-/// gradients in one launch (per 32 pairs) writing one partial sum per block, then the partials
-/// summed in a fixed order, so the losses do not depend on scheduling.
+/// `kernels/hidden_mse.cu`: every pair's squared differences and gradients in one launch (per
+/// 32 pairs), each block counting the real tokens itself and writing one partial sum, the last
+/// block to finish summing the partials in a fixed order, so the losses do not depend on
+/// scheduling. The block counter it finishes with is zeroed before each launch.
 #[allow(clippy::too_many_arguments)]
 fn hidden_mse_cuda(
     dev: &CudaDevice,
@@ -97,31 +103,17 @@ fn hidden_mse_cuda(
     if pairs == 0 {
         return Ok(());
     }
-    // Flat element indices (and one grid stride past the end) stay within an int.
-    if n * d > i32::MAX as usize / 2 {
-        return Err(Error::invalid(OP, format!("{n} x {d} hidden states are too many for the CUDA kernel")));
-    }
     let (n_i, d_i) = (cuda::int(OP, "N", n)?, cuda::int(OP, "D", d)?);
-    let blocks = (n * d).div_ceil(MSE_BLOCK as usize * MSE_PER_THREAD).clamp(1, 256);
-    let blocks_i = blocks as i32;
-    let count = dev.function(Module::HiddenMse, "hidden_mse_count_f32")?;
-    let main = dev.function(Module::HiddenMse, "hidden_mse_f32")?;
-    let finalize = dev.function(Module::HiddenMse, "hidden_mse_finalize_f32")?;
+    // At least a row per warp; fewer blocks when there are many pairs.
+    let warps = (MSE_BLOCK / 32) as usize;
+    let blocks = n.div_ceil(warps).clamp(1, (MSE_GRID / pairs.min(MAX_PAIRS)).max(1));
+    let f = dev.function(Module::HiddenMse, "hidden_mse_f32")?;
     let mask = cuda::slice(token_mask)?;
     let losses = cuda::slice_mut(losses)?;
-    let single = |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-    dev.with_scratch(2 + MAX_PAIRS * blocks, |scratch| {
-        let (mut stats, mut partials) = scratch.split_at_mut(2);
-        {
-            let mut b = dev.stream.launch_builder(&count);
-            b.arg(mask).arg(&n_i).arg(&mut stats);
-            // SAFETY: hidden_mse_count_f32(mask [n], n, stats [2]).
-            unsafe { b.launch(single(1024)) }.map_err(cuda_err)?;
-        }
-        let stats = stats.as_view();
+    dev.with_scratch(1 + MAX_PAIRS * blocks, |scratch| {
+        let (mut done, mut partials) = scratch.split_at_mut(1);
         for start in (0..pairs).step_by(MAX_PAIRS) {
             let end = (start + MAX_PAIRS).min(pairs);
-            let chunk = (end - start) as i32;
             // MsePairs: student, teacher and gradient pointers (0 = no gradient).
             let mut ptrs = [[0u64; MAX_PAIRS]; 3];
             let mut reads = Vec::with_capacity(2 * MAX_PAIRS);
@@ -138,26 +130,21 @@ fn hidden_mse_cuda(
                 ptrs[2][k] = ptr;
                 writes.push(write);
             }
-            {
-                let cfg = LaunchConfig {
-                    grid_dim: (blocks as u32, chunk as u32, 1),
-                    block_dim: (MSE_BLOCK, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut b = dev.stream.launch_builder(&main);
-                b.arg(&ptrs).arg(mask).arg(&n_i).arg(&d_i).arg(&grad_scale).arg(&stats).arg(&mut partials);
-                // SAFETY: hidden_mse_f32's parameters; every pointer in `ptrs` is a live [n, d]
-                // buffer (its guard in `reads` / `writes` records the use after the launch),
-                // and partials holds MAX_PAIRS * blocks floats.
-                unsafe { b.launch(cfg) }.map_err(cuda_err)?;
-            }
-            drop((reads, writes));
+            dev.stream.memset_zeros(&mut done).map_err(cuda_err)?;
             let mut out = losses.slice_mut(start..end);
-            let partials = partials.as_view();
-            let mut b = dev.stream.launch_builder(&finalize);
-            b.arg(&partials).arg(&blocks_i).arg(&chunk).arg(&d_i).arg(&stats).arg(&mut out);
-            // SAFETY: hidden_mse_finalize_f32's parameters; `out` holds this chunk's losses.
-            unsafe { b.launch(single(MAX_PAIRS as u32)) }.map_err(cuda_err)?;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, (end - start) as u32, 1),
+                block_dim: (MSE_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = dev.stream.launch_builder(&f);
+            b.arg(&ptrs).arg(mask).arg(&n_i).arg(&d_i).arg(&grad_scale).arg(&mut partials).arg(&mut done).arg(&mut out);
+            // SAFETY: hidden_mse_f32's parameters; every pointer in `ptrs` is a live [n, d]
+            // buffer (its guard in `reads` / `writes` records the use after the launch),
+            // partials holds MAX_PAIRS * blocks floats, `done` is the zeroed counter and `out`
+            // holds this chunk's losses.
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+            drop((reads, writes));
         }
         Ok(())
     })

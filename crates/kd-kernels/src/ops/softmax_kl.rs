@@ -2,12 +2,14 @@
 //! logits, for any row length (2 classes, L attention keys, a 30,522-word vocabulary).
 //!
 //! Both softmaxes are taken online in one pass over a row (running max and rescaled sums, as in
-//! flash attention), so a vocabulary-wide row is read once for the loss and once more for the
-//! gradients; probabilities are never formed as `log(softmax)`, only through log-sum-exp.
+//! flash attention), then a second pass writes the gradients; on a GPU a row of up to 30,720
+//! classes stays on chip between the two, so it is read from memory once. Probabilities are
+//! never formed as `log(softmax)`, only through log-sum-exp.
 //! Entries that are `f32::MIN` (or `-inf`) in both rows, such as masked attention keys, have zero
 //! teacher probability and so contribute 0 to the loss and 0 to both gradients, at any
 //! temperature (`f32::MIN / T` overflows to `-inf` when T < 1, which the scan tolerates).
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaFunction, PushKernelArg};
 use rayon::prelude::*;
 
 use super::opt_rows_mut;
@@ -119,9 +121,21 @@ fn softmax_kl_cpu(
     );
 }
 
+/// `softmax_kl_f32_resident`'s shape (`KD_KL_RESIDENT_*` and `KD_KL_SHARED_SLOTS` in
+/// `kernels/softmax_kl.cu`): 1,024 threads of 30 slots each hold a row of up to 30,720 classes,
+/// 16 of the student's slots and all 30 of the teacher's in shared memory.
+const RESIDENT_THREADS: u32 = 1024;
+const RESIDENT_MAX_C: usize = 1024 * 30;
+const RESIDENT_SHARED_BYTES: usize = (16 + 30) * 1024 * 4;
+/// Rows up to this wide take the two-pass block kernel instead: its 4 blocks an SM keep at most
+/// 4 * 132 rows in flight on an H100, 35 MB at this width, so its second read mostly hits the
+/// 50 MB L2, and a 1,024-thread block would leave most of its slots empty.
+const RESIDENT_MIN_C: usize = 8192;
+
 /// `kernels/softmax_kl.cu`: the same scan per row, split over a team of threads (a few lanes of
-/// a warp for short rows, a block for vocabulary-wide ones) whose partial statistics merge
-/// exactly; one launch for the loss and both gradients.
+/// a warp for short rows, a block for vocabulary-wide ones, which holds rows of 8,193 to 30,720
+/// classes on chip) whose partial statistics merge exactly; one launch for the loss and both
+/// gradients.
 #[allow(clippy::too_many_arguments)]
 fn softmax_kl_cuda(
     dev: &CudaDevice,
@@ -145,9 +159,23 @@ fn softmax_kl_cuda(
         KlForm::CrossEntropy => 1,
     };
     let inv_t = 1.0 / spec.temperature;
-    let (cfg, group) = cuda::row_launch(rows, c);
-    let name = if group.is_some() { "softmax_kl_f32_warp" } else { "softmax_kl_f32_block" };
-    let f = dev.function(Module::SoftmaxKl, name)?;
+    let (mut cfg, group) = cuda::row_launch(rows, c);
+    let resident = match group {
+        None if (RESIDENT_MIN_C + 1..=RESIDENT_MAX_C).contains(&c) => {
+            let f = dev.function(Module::SoftmaxKl, "softmax_kl_f32_resident")?;
+            allow_resident(dev, &f)?.then_some(f)
+        }
+        _ => None,
+    };
+    let f = match (resident, &group) {
+        (Some(f), _) => {
+            cfg.block_dim = (RESIDENT_THREADS, 1, 1);
+            cfg.shared_mem_bytes = RESIDENT_SHARED_BYTES as u32;
+            f
+        }
+        (None, Some(_)) => dev.function(Module::SoftmaxKl, "softmax_kl_f32_warp")?,
+        (None, None) => dev.function(Module::SoftmaxKl, "softmax_kl_f32_block")?,
+    };
     let (ds, dt) = (ds.map(cuda::slice_mut).transpose()?, dt.map(cuda::slice_mut).transpose()?);
     let w = w.map(cuda::slice).transpose()?;
     let mut b = dev.stream.launch_builder(&f);
@@ -157,9 +185,25 @@ fn softmax_kl_cuda(
         b.arg(group);
     }
     // SAFETY: the arguments follow the kernel's parameter list (KL_PARAMS, then `group` for the
-    // warp kernel); softmax_kl checked that every buffer holds rows * C (or rows) floats.
+    // warp kernel); softmax_kl checked that every buffer holds rows * C (or rows) floats; the
+    // resident kernel gets its 1,024 threads and its shared memory, and C > 1,024 gives each
+    // of its threads a class.
     unsafe { b.launch(cfg) }.map_err(cuda_err)?;
     Ok(())
+}
+
+/// Lets the resident kernel use its shared memory, past the default 48 KiB, where the GPU has
+/// that much for a block with room for the reduction's static 768 bytes; false where it does
+/// not, and wide rows then take the block kernel.
+fn allow_resident(dev: &CudaDevice, f: &CudaFunction) -> Result<bool> {
+    let max = dev.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
+    if RESIDENT_SHARED_BYTES + 1024 > max.map_err(cuda_err)? as usize {
+        return Ok(false);
+    }
+    dev.ctx.bind_to_thread().map_err(cuda_err)?;
+    let bytes = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    f.set_attribute(bytes, RESIDENT_SHARED_BYTES as i32).map_err(cuda_err)?;
+    Ok(true)
 }
 
 /// The one-pass statistics of a (student, teacher) row. Maxima are of the raw logits (T > 0
