@@ -57,8 +57,9 @@ fn bench_softmax_kl(c: &mut Criterion) {
             let t = randn(&[rows, cols], 2.0, 2, &device);
             let mut loss = zeros(&[rows], &device);
             let mut ds = zeros(&[rows, cols], &device);
-            // Minimum traffic: read both rows, write the gradient (12 bytes per element in fp32).
-            group.throughput(Throughput::Bytes((rows * cols * 12) as u64));
+            // Minimum traffic: read both rows, read and write the gradient (backward ops
+            // accumulate), 16 bytes per element in fp32.
+            group.throughput(Throughput::Bytes((rows * cols * 16) as u64));
             let spec = SoftmaxKl { temperature: 2.0, form: KlForm::Kl, grad_scale: 1.0 / rows as f32 };
             group.bench_function(BenchmarkId::new(format!("{device}"), format!("{rows}x{cols}")), |b| {
                 b.iter_custom(|n| {
@@ -80,7 +81,8 @@ fn bench_hidden_mse(c: &mut Criterion) {
         let mut grads: Vec<Tensor> = (0..pairs).map(|_| zeros(&[tokens, width], &device)).collect();
         let mask = Tensor::from_vec(vec![1.0; tokens], &[tokens], &device).unwrap();
         let mut losses = zeros(&[pairs], &device);
-        group.throughput(Throughput::Bytes((pairs * tokens * width * 12) as u64));
+        // Read both states, read and write the accumulated gradient: 16 bytes per element.
+        group.throughput(Throughput::Bytes((pairs * tokens * width * 16) as u64));
         group.bench_function(BenchmarkId::new(format!("{device}"), format!("{tokens}x{width}x{pairs}pairs")), |b| {
             let s: Vec<&Tensor> = students.iter().collect();
             let t: Vec<&Tensor> = teachers.iter().collect();

@@ -360,8 +360,8 @@ fn report_markdown(ptxas_version: &str, files: &[(String, Vec<KernelUsage>)]) ->
     let _ = writeln!(
         md,
         "Written by `cargo xtask build-kernels`: NVRTC {CUDA_VERSION} (`--gpu-architecture={ARCH}`), then \
-         `ptxas -arch={PTXAS_ARCH} -v` ({ptxas_version}). Static shared memory only: the attention kernels \
-         size theirs at launch. Spills are bytes per thread.\n"
+         `ptxas -arch={PTXAS_ARCH} -v` ({ptxas_version}). Static shared memory only: kernels that use \
+         dynamic shared memory size it at launch. Spills are bytes per thread.\n"
     );
     let _ = writeln!(
         md,
