@@ -32,7 +32,7 @@ cargo bench --no-run --message-format=json -p kd --bench kernels |
 strip --strip-debug .gpu/bin/*
 
 cp -r "$shared/golden" .gpu/shared/
-cp -r "$shared/data/glue/SST-2" .gpu/shared/data/glue/
+for task in SST-2 CoLA MRPC RTE; do cp -r "$shared/data/glue/$task" .gpu/shared/data/glue/; done
 cp "$shared/models/fetch.sh" .gpu/shared/models/
 for m in all-MiniLM-L6-v2 paraphrase-MiniLM-L3-v2; do
     mkdir -p ".gpu/configs/$m"
