@@ -172,7 +172,7 @@ pub fn run(args: Args) -> Result<()> {
             session.train("kd", &mut student, train, dev, &mut objective, &cfg("kd", epochs))?
         }
         Method::Ild => {
-            let mut stage1 = Ild::new(&teacher, &student, args.last_layer)?;
+            let mut stage1 = Ild::new(&teacher, &student, args.last_layer, args.train.seed)?;
             let e1 = args.stage1_epochs.unwrap_or(epochs);
             session.train("ild", &mut student, train, None, &mut stage1, &cfg("ild", e1))?;
             let mut cache = logits(train)?;

@@ -3,10 +3,14 @@
 //! [`OutputGrads`], so a method's objective is a weighted sum of calls.
 
 use kd_kernels::ops::cross_entropy::{self as ce_ops, Targets};
+use kd_kernels::ops::gemm::{linear_backward, linear_forward};
 use kd_kernels::ops::hidden_mse as mse_ops;
 use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, SoftmaxKl};
+use kd_kernels::rng::{mix64, Rng};
 use kd_kernels::{Device, IdTensor, Tensor};
 use kd_model::bert::{Activations, OutputGrads};
+use kd_model::optim::{Optimizer, Params};
+use kd_model::{BertConfig, Linear};
 
 use crate::batching::BatchTargets;
 use crate::{Error, Result};
@@ -118,6 +122,108 @@ pub fn hidden_mse_to(
     let dh = grads.hidden_mut(index, hs)?;
     mse_ops::hidden_mse(&mut loss, &mut [dh], &[hs], &[target], &token_mask, weight)?;
     Ok(sum(&loss)? * weight)
+}
+
+/// Learned maps of student hidden states to the teacher's width, one per matched layer pair
+/// (TinyBERT's `fit_dense`): `h_s W_pᵀ + b_p`, `W_p` `[d_t, d_s]`, initialised N(0, the
+/// student's `initializer_range`) with zero bias. They train with the student, by an AdamW of
+/// the student's settings on the same schedule (clipped on their own), and are dropped with the
+/// objective: the saved student stays a plain BERT.
+pub struct HiddenProjection {
+    pub weights: ProjectionParams,
+    /// Gradients of the current step, zeroed by [`HiddenProjection::update`].
+    pub grads: ProjectionParams,
+    optimizer: Option<Optimizer<ProjectionParams>>,
+}
+
+/// The projections' parameters, named `fit_dense.{p}.weight` / `.bias` (names decide weight decay).
+pub struct ProjectionParams(pub Vec<Linear>);
+
+impl Params for ProjectionParams {
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.0.len());
+        for (p, l) in self.0.iter_mut().enumerate() {
+            out.push((format!("fit_dense.{p}.weight"), &mut l.weight));
+            out.push((format!("fit_dense.{p}.bias"), &mut l.bias));
+        }
+        out
+    }
+
+    fn zeros_like(&self) -> kd_model::Result<Self> {
+        let z = |t: &Tensor| Tensor::zeros(t.shape(), &t.device());
+        let layers = self.0.iter().map(|l| Ok(Linear { weight: z(&l.weight)?, bias: z(&l.bias)? }));
+        Ok(ProjectionParams(layers.collect::<kd_model::Result<_>>()?))
+    }
+}
+
+impl HiddenProjection {
+    /// `pairs` projections from the student's width to the teacher's, or `None` when the widths
+    /// match (states are then compared directly, with no parameters).
+    pub fn between(
+        teacher: &BertConfig,
+        student: &BertConfig,
+        pairs: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        let (d_t, d_s) = (teacher.hidden_size, student.hidden_size);
+        if d_t == d_s {
+            return Ok(None);
+        }
+        let layers = (0..pairs).map(|p| {
+            let mut rng = Rng::new(mix64(seed ^ mix64(p as u64 + 1)));
+            let w: Vec<f32> = (0..d_t * d_s).map(|_| (rng.normal() * student.initializer_range) as f32).collect();
+            Ok(Linear { weight: Tensor::from_vec(w, &[d_t, d_s], device)?, bias: Tensor::zeros(&[d_t], device)? })
+        });
+        let weights = ProjectionParams(layers.collect::<Result<_>>()?);
+        Ok(Some(HiddenProjection { grads: weights.zeros_like()?, weights, optimizer: None }))
+    }
+
+    /// [`hidden_mse`] through the projections, projection `p` serving pair `p`: the MSE between
+    /// `h_s W_pᵀ + b_p` and the teacher state; the gradient accumulates into the projections
+    /// and the student's hidden states.
+    pub fn hidden_mse(
+        &mut self,
+        grads: &mut OutputGrads,
+        student: &Activations,
+        teacher: &Activations,
+        pairs: &[(usize, usize)],
+        mask: &Tensor,
+        weight: f32,
+    ) -> Result<f32> {
+        if pairs.len() != self.weights.0.len() {
+            let have = self.weights.0.len();
+            return Err(Error::Config(format!("{} hidden pairs for {have} width projections", pairs.len())));
+        }
+        let device = mask.device();
+        let token_mask = mask.try_clone()?.reshape(&[mask.numel()])?;
+        let mut total = 0.0;
+        for (p, &(s, t)) in pairs.iter().enumerate() {
+            let (hs, proj, dproj) = (&student.hidden[s], &self.weights.0[p], &mut self.grads.0[p]);
+            let mut y = Tensor::zeros(&[hs.shape()[0], proj.weight.shape()[0]], &device)?;
+            linear_forward(&mut y, hs, &proj.weight, Some(&proj.bias))?;
+            let mut dy = Tensor::zeros(y.shape(), &device)?;
+            let mut loss = Tensor::zeros(&[1], &device)?;
+            mse_ops::hidden_mse(&mut loss, &mut [&mut dy], &[&y], &[&teacher.hidden[t]], &token_mask, weight)?;
+            let dh = grads.hidden_mut(s, hs)?;
+            linear_backward(Some(dh), &mut dproj.weight, Some(&mut dproj.bias), &dy, hs, &proj.weight)?;
+            total += sum(&loss)? * weight;
+        }
+        Ok(total)
+    }
+
+    /// One AdamW step on the step's gradients, at the learning rate of `student`'s next update
+    /// (call it before that update), then zeroes the gradients.
+    pub fn update(&mut self, student: &Optimizer) -> Result<()> {
+        if self.optimizer.is_none() {
+            let mut opt = Optimizer::new(student.config, &self.weights)?;
+            opt.step = student.step; // a resumed run: same place on the schedule
+            self.optimizer = Some(opt);
+        }
+        self.optimizer.as_mut().expect("made above").update(&mut self.weights, &mut self.grads)?;
+        self.grads.zero()?;
+        Ok(())
+    }
 }
 
 /// Row weights that average attention-map rows over (example, head, real query token).

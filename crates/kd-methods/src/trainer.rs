@@ -76,6 +76,12 @@ pub trait Objective {
     ) -> Result<()> {
         Ok(student.backward(grads, acts, out_grads, input.batch, None)?)
     }
+
+    /// Steps parameters the objective trains alongside the student (a learned width
+    /// projection), once per step after [`Objective::loss`], just before `student`'s update.
+    fn update_own(&mut self, _student: &Optimizer) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Hyper-parameters of one training run (HF `TrainingArguments` names where they exist).
@@ -210,6 +216,7 @@ pub fn train(
             grads.zero()?;
             objective.student_backward(student, &mut grads, &mut acts, &out_grads, &input)?;
             let lr = optimizer.lr();
+            objective.update_own(&optimizer)?;
             optimizer.update(&mut student.weights, &mut grads)?;
             step += 1;
             let examples_per_s = indices.len() as f64 / t0.elapsed().as_secs_f64();

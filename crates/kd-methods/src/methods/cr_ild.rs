@@ -37,11 +37,13 @@
 //! over real tokens (the code pads every batch to 128 and averages over all of them, padding
 //! included; with dynamic padding that average would depend on the batch); the hidden terms
 //! use the union mask m̃ and the relation terms mask by m̃ (the code uses no mask); the attention
-//! divergence is the KL, not its CE form (same gradient); there is no `fit_dense` projection, so
-//! teacher and student widths must match (as for `ild`); no EMA target; stage 2 regression uses
-//! `MSE(z_s, z_t)` where the code divides both by T (a constant factor 1/T²); the trainer keeps
-//! the last, smaller batch of an epoch, which the code skips (in an odd batch the middle example
-//! is its own partner, so it is seen unmixed).
+//! divergence is the KL, not its CE form (same gradient); a student of another width than the
+//! teacher's meets it through a learned projection of its last hidden state (the code's
+//! `fit_dense`, here trained by the student's AdamW settings, [`losses::HiddenProjection`]; the
+//! consistency terms compare the student with itself, unprojected); no EMA target; stage 2
+//! regression uses `MSE(z_s, z_t)` where the code divides both by T (a constant factor 1/T²);
+//! the trainer keeps the last, smaller batch of an epoch, which the code skips (in an odd batch
+//! the middle example is its own partner, so it is seen unmixed).
 
 use std::str::FromStr;
 
@@ -49,11 +51,12 @@ use kd_kernels::ops::{attention, bias, embedding};
 use kd_kernels::rng::{mix64, Rng};
 use kd_kernels::{IdTensor, Tensor};
 use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads};
+use kd_model::optim::Optimizer;
 use kd_model::BertWeights;
 
 use crate::batching::{EncodedSet, Targets};
 use crate::data::GlueTask;
-use crate::losses;
+use crate::losses::{self, HiddenProjection};
 use crate::methods::kd::{Kd, TeacherLogits};
 use crate::methods::teacher::check_compatible;
 use crate::trainer::{LossLog, Objective, StepInput};
@@ -258,7 +261,12 @@ pub struct CrIld<'t> {
     teacher_acts: Option<Activations>,
     clean_acts: Option<Activations>,
     mixup: Option<Mixup>,
+    /// The last hidden state's projection to the teacher's width, when the widths differ (`ah`).
+    projection: Option<HiddenProjection>,
 }
+
+/// Salt of the projection's initialisation seed, so it draws apart from λ.
+const PROJECTION_SEED: u64 = 0x6669_745f_6465_6e73;
 
 /// Stage 1's objective, after checking that `teacher` and `student` can be aligned.
 pub fn stage1<'t>(teacher: &'t Bert, student: &Bert, cfg: CrIldConfig) -> Result<CrIld<'t>> {
@@ -270,19 +278,20 @@ pub fn stage1<'t>(teacher: &'t Bert, student: &Bert, cfg: CrIldConfig) -> Result
             t.num_attention_heads, s.num_attention_heads
         )));
     }
-    if cfg.objective == Stage1Objective::AttentionHidden && t.hidden_size != s.hidden_size {
-        return Err(Error::Config(format!(
-            "cr-ild matches hidden states directly: teacher width {} differs from student width {}",
-            t.hidden_size, s.hidden_size
-        )));
-    }
     if cfg.epochs == 0 || !(cfg.w_ic.is_finite() && cfg.w_ic >= 0.0) {
         return Err(Error::Config(format!(
             "cr-ild needs epochs > 0 and w_ic >= 0 (got {} and {})",
             cfg.epochs, cfg.w_ic
         )));
     }
-    Ok(CrIld { teacher, cfg, teacher_acts: None, clean_acts: None, mixup: None })
+    // The Q/K/V relations are [B, H, L, L] whatever the head size: only `ah` needs a projection.
+    let projection = match cfg.objective {
+        Stage1Objective::AttentionHidden => {
+            HiddenProjection::between(t, s, 1, mix64(cfg.seed ^ PROJECTION_SEED), &student.device())?
+        }
+        Stage1Objective::Qkv => None,
+    };
+    Ok(CrIld { teacher, cfg, teacher_acts: None, clean_acts: None, mixup: None, projection })
 }
 
 /// Stage 2: logit KD at T = 2, soft term only (the official `--mode KD`).
@@ -364,7 +373,7 @@ impl CrIld<'_> {
         losses::score_kl(d, &s, target, mix.mask(side).0, weight)
     }
 
-    fn ah_loss(&self, input: &StepInput, student: &Activations, grads: &mut OutputGrads) -> Result<LossLog> {
+    fn ah_loss(&mut self, input: &StepInput, student: &Activations, grads: &mut OutputGrads) -> Result<LossLog> {
         let mix = self.mixup.as_ref().ok_or_else(|| Error::Config("cr-ild: loss before the mixed forward".into()))?;
         let teacher = self.teacher_acts.as_ref().expect("teacher ran in loss()");
         let (sl, tl) = (student.layers.len() - 1, teacher.layers.len() - 1);
@@ -373,7 +382,12 @@ impl CrIld<'_> {
         let target = mix.masked_scores(scores_of(teacher, tl, "teacher")?, Side::Own, Side::Own)?;
         log.push("attn_kl", Self::attention_term(mix, grads, sl, ss, &target, Side::Own, 1.0)?);
         let union = &mix.batch.mask;
-        log.push("hidden_mse", losses::hidden_mse_to(grads, student, sl + 1, &teacher.hidden[tl + 1], union, 1.0)?);
+        let last = [(sl + 1, tl + 1)];
+        let hidden = match &mut self.projection {
+            None => losses::hidden_mse(grads, student, teacher, &last, union, 1.0)?,
+            Some(p) => p.hidden_mse(grads, student, teacher, &last, union, 1.0)?,
+        };
+        log.push("hidden_mse", hidden);
 
         let ramp = self.ramp(input.epoch);
         if ramp > 0.0 {
@@ -468,6 +482,13 @@ impl Objective for CrIld<'_> {
         let mix =
             self.mixup.as_ref().ok_or_else(|| Error::Config("cr-ild: backward before the mixed forward".into()))?;
         mix.backward(student, grads, acts, out_grads)
+    }
+
+    fn update_own(&mut self, student: &Optimizer) -> Result<()> {
+        match &mut self.projection {
+            Some(p) => p.update(student),
+            None => Ok(()),
+        }
     }
 }
 
