@@ -109,6 +109,10 @@ pub struct Args {
     /// peer-advised: the teacher's labels as JSONL (hard or soft); default: the teacher's argmax.
     #[arg(long, value_name = "FILE")]
     labels_file: Option<PathBuf>,
+    /// peer-advised: keep the gold labels of K training rows (drawn with --seed, the rows
+    /// `finetune --gold-subset K` trains on) in place of the teacher's.
+    #[arg(long, value_name = "K")]
+    gold_subset: Option<usize>,
     /// peer-advised: the fraction of teacher labels kept.
     #[arg(long, default_value_t = 0.5)]
     keep: f64,
@@ -126,6 +130,10 @@ pub fn run(args: Args) -> Result<()> {
         return crate::demo::run(args.json, device(&args.train.device)?);
     };
     let method = args.method.context("--method is required with --teacher")?;
+    ensure!(
+        args.gold_subset.is_none() || matches!(method, Method::PeerAdvised),
+        "--gold-subset is an option of --method peer-advised (finetune takes it too)"
+    );
     let out = args.out.clone().context("--out DIR is required with --teacher")?;
     args.train.check()?;
     let device = device(&args.train.device)?;
@@ -249,10 +257,15 @@ pub fn run(args: Args) -> Result<()> {
             })?
         }
         Method::PeerAdvised => {
-            let labels = match &args.labels_file {
+            let mut labels = match &args.labels_file {
                 Some(path) => pseudo::read_jsonl(path, &task.label_names, train.items.len())?,
                 None => PseudoLabels::from_logits(logits(train)?.rows(), false),
             };
+            if let Some(k) = args.gold_subset {
+                let split = pseudo::gold_subset(train, k, args.train.seed).context("--gold-subset")?;
+                pseudo::keep_gold(&mut labels, train, &split.gold_rows, task.label_names.len())?;
+                eprintln!("peer-advised: {k} rows keep their gold labels");
+            }
             let pa_cfg = PeerAdvisedConfig { keep: args.keep, ..PeerAdvisedConfig::new(cfg("peer-advised", epochs)) };
             let steps = train.items.len().div_ceil(args.train.batch) as u64 * (2 * epochs + pa_cfg.probe.epochs) as u64;
             let mut new_student =

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use kd_methods::methods::ce::Ce;
+use kd_methods::pseudo;
 use kd_methods::trainer::evaluate;
 use kd_model::bert::Bert;
 
@@ -23,6 +24,11 @@ pub struct Args {
     out: PathBuf,
     #[command(flatten)]
     train: TrainArgs,
+    /// Train on K gold-labelled rows only, drawn with --seed from the training set: the
+    /// low-data teacher of peer-advised KD (`distill --gold-subset K` with the same seed keeps
+    /// the same rows' labels).
+    #[arg(long, value_name = "K")]
+    gold_subset: Option<usize>,
     /// Print the final result as one JSON object (the last line of stdout).
     #[arg(long)]
     json: bool,
@@ -42,23 +48,29 @@ pub fn run(args: Args) -> Result<()> {
     let regression = data.source.is_regression();
     let mut bert = with_head(&model, &device, regression, &task.label_names, args.train.seed)?;
 
+    let gold = match args.gold_subset {
+        Some(k) => Some(pseudo::gold_subset(&task.train.set, k, args.train.seed).context("--gold-subset")?.gold),
+        None => None,
+    };
+    let train = gold.as_ref().unwrap_or(&task.train.set);
+
     let mut session = Session::create(&args.out, &model.tokenizer_json, args.train.resume)?;
     let cfg = args.train.config(args.train.epochs, data.source.metric(), &session.state_dir("finetune"));
     let dev = task.dev.as_ref().map(|d| &d.set);
-    let report = session.train("finetune", &mut bert, &task.train.set, dev, &mut Ce, &cfg)?;
+    let report = session.train("finetune", &mut bert, train, dev, &mut Ce, &cfg)?;
 
     // Without a dev set the result is measured on the training set.
     let (split, examples, metrics) = match (&task.dev, report.final_metrics) {
         (Some(dev), Some(m)) => ("dev", dev.set.items.len(), m),
         _ => {
-            let m = evaluate(&bert, &task.train.set, args.train.batch, cfg.metric)?;
+            let m = evaluate(&bert, train, args.train.batch, cfg.metric)?;
             session.record("finetune", report.steps, cfg.epochs as f64, "train", &m);
-            ("train", task.train.set.items.len(), m)
+            ("train", train.items.len(), m)
         }
     };
     session.finish(&bert)?;
     if !args.json {
-        let rate = (task.train.set.items.len() * cfg.epochs) as f64 / report.seconds;
+        let rate = (train.items.len() * cfg.epochs) as f64 / report.seconds;
         crate::print_line(&format!(
             "trained {} steps in {:.1} s ({rate:.1} examples/s); saved to {}",
             report.steps,

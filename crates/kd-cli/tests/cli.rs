@@ -118,6 +118,23 @@ fn finetune_on_generic_files_keeps_the_label_names() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--gold-subset K` trains on K of the training rows: 8 rows in batches of 4 are 2 steps.
+#[test]
+fn finetune_gold_subset_trains_on_k_rows() {
+    let dir = scratch("gold");
+    let Some((model, task)) = sst2(&dir, 200, 40) else { return };
+    let out = dir.join("model");
+    let mut args = vec!["finetune", "--model", s(&model), "--out", s(&out), "--max-train", "64", "--gold-subset", "8"];
+    args.extend(["--batch", "4", "--epochs", "1", "--eval-every", "1", "--task", "sst2", "--data", s(&task)]);
+    ok(kd(&args));
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+    // It is a peer-advised option of distill, refused elsewhere before anything loads.
+    let distill = ["distill", "--method", "kd", "--teacher", s(&out), "--out", s(&dir), "--gold-subset", "8"];
+    fails_with(kd(&distill), &["--gold-subset", "peer-advised"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_input_fails_with_one_line_naming_the_culprit() {
     let dir = scratch("errors");

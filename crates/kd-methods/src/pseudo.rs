@@ -275,6 +275,23 @@ pub fn gold_subset(set: &EncodedSet, k: usize, seed: u64) -> Result<GoldSplit> {
     })
 }
 
+/// Puts back the gold labels of `set`'s `gold_rows` into teacher `labels` over the same set
+/// (the low-data setting of peer-advised KD: those rows' labels are trusted), as one-hot
+/// distributions over `classes` when the labels are soft.
+pub fn keep_gold(labels: &mut PseudoLabels, set: &EncodedSet, gold_rows: &[usize], classes: usize) -> Result<()> {
+    let Targets::Classes(gold) = &set.targets else {
+        return Err(Error::Invalid("gold labels are kept only for classification tasks".into()));
+    };
+    let hard: Vec<u32> = gold_rows.iter().map(|&i| gold[i]).collect();
+    let with = if labels.is_soft() {
+        let one_hot = |y: u32| (0..classes).map(|c| if c == y as usize { 1.0 } else { 0.0 }).collect();
+        PseudoLabels::Soft(hard.into_iter().map(one_hot).collect())
+    } else {
+        PseudoLabels::Hard(hard)
+    };
+    labels.replace(gold_rows, &with)
+}
+
 /// The examples and targets of `rows`, in that order.
 pub fn select_rows(set: &EncodedSet, rows: &[usize]) -> EncodedSet {
     EncodedSet {
@@ -424,5 +441,21 @@ mod tests {
         assert_eq!(gold_subset(&set, 5, 7).unwrap().gold_rows, split.gold_rows);
         assert_ne!(gold_subset(&set, 5, 8).unwrap().gold_rows, split.gold_rows);
         assert!(gold_subset(&set, 0, 7).is_err() && gold_subset(&set, 20, 7).is_err());
+
+        // The teacher's labels, with the gold rows' own put back (hard, and one-hot when soft).
+        let Targets::Classes(gold) = &set.targets else { unreachable!() };
+        let mut hard = PseudoLabels::Hard(gold.iter().map(|&y| 1 - y.min(1)).collect());
+        keep_gold(&mut hard, &set, &split.gold_rows, 2).unwrap();
+        let kept = hard.hard();
+        for i in 0..set.items.len() {
+            let want = if split.gold_rows.contains(&i) { gold[i] } else { 1 - gold[i].min(1) };
+            assert_eq!(kept[i], want, "row {i}");
+        }
+        let mut soft = PseudoLabels::Soft(vec![vec![0.5, 0.5]; set.items.len()]);
+        keep_gold(&mut soft, &set, &split.gold_rows, 2).unwrap();
+        let PseudoLabels::Soft(rows) = &soft else { unreachable!() };
+        let g = split.gold_rows[0];
+        assert_eq!(rows[g][gold[g] as usize], 1.0);
+        assert!(split.unlabelled_rows.iter().all(|&i| rows[i] == vec![0.5, 0.5]));
     }
 }
