@@ -160,10 +160,6 @@ pub fn run(args: Args) -> Result<()> {
     let build = StudentSpec { args: &args, teacher_dir: &tdir, device: &device, label_names: &task.label_names };
     let mut student = build.student(args.train.seed)?;
     check_compatible(&teacher, &student)?;
-    ensure!(
-        !(args.train.resume && method == Method::MateKd),
-        "--resume is not supported for mate-kd (its generator's state is not checkpointed)"
-    );
     let mut session = Session::create(&out, &tdir.tokenizer_json, args.train.resume)?;
     let epochs = args.train.epochs;
     let cfg = |stage: &str, epochs: usize| args.train.config(epochs, metric, &session_state(&out, stage));

@@ -2,6 +2,11 @@
 //! student's weights, AdamW's moments, and (in the metadata) the step count and the best dev
 //! metrics so far. Shuffles and dropout masks derive from (seed, epoch, step), so a run resumed
 //! from step k replays exactly what an uninterrupted run does after step k.
+//!
+//! A run that trains several models (MATE-KD's student and generator) stores each (weights,
+//! optimiser) pair under its own prefix, with that optimiser's own update count as
+//! `{prefix}step`: its optimisers step on different batches. The plain trainer's single pair
+//! has the empty prefix, so its optimiser's count is the run's `step`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -12,6 +17,7 @@ use kd_model::optim::Optimizer;
 use kd_model::BertWeights;
 
 use crate::metrics::Metrics;
+use crate::trainer::Event;
 use crate::{Error, Result};
 
 /// Where and how often the state is written.
@@ -23,6 +29,11 @@ pub struct CheckpointConfig {
     /// Continue from the state in `dir` when there is one.
     pub resume: bool,
 }
+
+/// A model's weights and its optimiser, stored under a prefix.
+pub type Part<'a> = (&'a str, &'a BertWeights, &'a Optimizer);
+/// A [`Part`] to load into.
+pub type PartMut<'a> = (&'a str, &'a mut BertWeights, &'a mut Optimizer);
 
 pub const STATE_FILE: &str = "train_state.safetensors";
 
@@ -39,13 +50,18 @@ fn collect(prefix: &str, weights: &BertWeights, out: &mut BTreeMap<String, HostA
     })
 }
 
-/// Writes the state after `step` updates.
-pub fn save(dir: &Path, weights: &BertWeights, optimizer: &Optimizer, step: u64, best: Option<&Metrics>) -> Result<()> {
+/// Writes the state after `step` batches. An unprefixed part's optimiser must have stepped once
+/// a batch: its count is stored as the run's.
+pub fn save(dir: &Path, parts: &[Part], step: u64, best: Option<&Metrics>) -> Result<()> {
     let mut arrays = BTreeMap::new();
-    collect("weights.", weights, &mut arrays)?;
-    collect("adam_m.", &optimizer.m, &mut arrays)?;
-    collect("adam_v.", &optimizer.v, &mut arrays)?;
-    let mut meta = HashMap::from([("step".to_string(), step.to_string())]);
+    let mut meta = HashMap::new();
+    for &(prefix, weights, optimizer) in parts {
+        collect(&format!("{prefix}weights."), weights, &mut arrays)?;
+        collect(&format!("{prefix}adam_m."), &optimizer.m, &mut arrays)?;
+        collect(&format!("{prefix}adam_v."), &optimizer.v, &mut arrays)?;
+        meta.insert(format!("{prefix}step"), optimizer.step.to_string());
+    }
+    meta.insert("step".to_string(), step.to_string());
     if let Some(b) = best {
         meta.insert("best".into(), serde_json::to_string(b).map_err(|e| Error::Invalid(e.to_string()))?);
     }
@@ -75,24 +91,58 @@ fn restore(
     })
 }
 
-/// Loads the state in `dir` into `weights` and `optimizer`, if a state file is there.
-pub fn load(dir: &Path, weights: &mut BertWeights, optimizer: &mut Optimizer) -> Result<Option<Resumed>> {
+/// Loads the state in `dir` into `parts`, if a state file is there.
+pub fn load(dir: &Path, parts: &mut [PartMut]) -> Result<Option<Resumed>> {
     let path = dir.join(STATE_FILE);
     if !path.exists() {
         return Ok(None);
     }
     let meta = read_safetensors_metadata(&path)?;
     let bad = |detail: String| Error::File { path: path.clone(), detail };
-    let step: u64 =
-        meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| bad("no step count in the metadata".into()))?;
+    let count = |key: &str| -> Result<u64> {
+        meta.get(key).and_then(|s| s.parse().ok()).ok_or_else(|| bad(format!("no '{key}' count in the metadata")))
+    };
+    let step = count("step")?;
     let best = match meta.get("best") {
         Some(s) => Some(serde_json::from_str(s).map_err(|e| bad(format!("best metrics: {e}")))?),
         None => None,
     };
     let mut arrays = read_safetensors(&path)?;
-    restore("weights.", &path, &mut arrays, weights)?;
-    restore("adam_m.", &path, &mut arrays, &mut optimizer.m)?;
-    restore("adam_v.", &path, &mut arrays, &mut optimizer.v)?;
-    optimizer.step = step;
+    for (prefix, weights, optimizer) in parts.iter_mut() {
+        restore(&format!("{prefix}weights."), &path, &mut arrays, weights)?;
+        restore(&format!("{prefix}adam_m."), &path, &mut arrays, &mut optimizer.m)?;
+        restore(&format!("{prefix}adam_v."), &path, &mut arrays, &mut optimizer.v)?;
+        optimizer.step = count(&format!("{prefix}step"))?;
+    }
     Ok(Some(Resumed { step, best }))
+}
+
+/// Loads the state into `parts` when `cfg` asks to resume and a state is there, and reports
+/// [`Event::Resumed`].
+pub fn resume(
+    cfg: Option<&CheckpointConfig>,
+    parts: &mut [PartMut],
+    observer: &mut dyn FnMut(Event),
+) -> Result<Option<Resumed>> {
+    let Some(ck) = cfg.filter(|c| c.resume) else { return Ok(None) };
+    let resumed = load(&ck.dir, parts)?;
+    if let Some(r) = &resumed {
+        observer(Event::Resumed { step: r.step });
+    }
+    Ok(resumed)
+}
+
+/// Writes the state after `step` of `total` batches when `cfg` says it is due: every `every`
+/// batches and at the end.
+pub fn save_if_due(
+    cfg: Option<&CheckpointConfig>,
+    parts: &[Part],
+    step: u64,
+    total: u64,
+    best: Option<&Metrics>,
+) -> Result<()> {
+    match cfg {
+        Some(ck) if step.is_multiple_of(ck.every) || step == total => save(&ck.dir, parts, step, best),
+        _ => Ok(()),
+    }
 }

@@ -181,12 +181,10 @@ pub fn train(
     let mut best: Option<Metrics> = None;
     let mut last: Option<Metrics> = None;
     let mut step = 0u64;
-    if let Some(ck) = cfg.checkpoint.as_ref().filter(|c| c.resume) {
-        if let Some(resumed) = checkpoint::load(&ck.dir, &mut student.weights, &mut optimizer)? {
-            step = resumed.step;
-            best = resumed.best;
-            observer(Event::Resumed { step });
-        }
+    let mut parts = [("", &mut student.weights, &mut optimizer)];
+    if let Some(resumed) = checkpoint::resume(cfg.checkpoint.as_ref(), &mut parts, observer)? {
+        step = resumed.step;
+        best = resumed.best;
     }
     let resume_at = step;
 
@@ -232,11 +230,8 @@ pub fn train(
                 }
                 last = Some(metrics);
             }
-            if let Some(ck) = &cfg.checkpoint {
-                if step.is_multiple_of(ck.every) || step == total_steps {
-                    checkpoint::save(&ck.dir, &student.weights, &optimizer, step, best.as_ref())?;
-                }
-            }
+            let parts = [("", &student.weights, &optimizer)];
+            checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, step, total_steps, best.as_ref())?;
         }
     }
     Ok(TrainReport { steps: step, seconds: started.elapsed().as_secs_f64(), final_metrics: last, best_metrics: best })

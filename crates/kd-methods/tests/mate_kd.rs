@@ -1,7 +1,8 @@
 //! `mate-kd` on tiny random models: the soft one-hot reaches only masked positions, the
 //! gradient into the generator's samples matches finite differences through both models, a
 //! generator step raises the divergence and touches only the generator, the student's loss is
-//! the three thirds, and a run follows the 10 generator / 100 student batch schedule.
+//! the three thirds, a run follows the 10 generator / 100 student batch schedule, and an
+//! interrupted run resumes to the same student and generator, bit for bit.
 
 use kd_kernels::ops::embedding::soft_embedding_forward;
 use kd_kernels::ops::softmax_kl::KlForm;
@@ -413,4 +414,69 @@ fn models_that_cannot_work_together_are_errors() {
     assert!(err.to_string().contains("vocabulary"), "{err}");
     let bad_mask = MateKdConfig::new(VOCAB as u32, SPECIAL.to_vec());
     assert!(MateKd::new(&m.teacher, &m.student, &m.generator, bad_mask, adam(1e-3), adam(1e-3)).is_err());
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_student_and_generator() {
+    use kd_methods::checkpoint::CheckpointConfig;
+    // 2 generator then 3 student batches, 6 batches an epoch, 12 in all; dropout on.
+    let mate = MateKdConfig { generator_steps: 2, student_steps: 3, generator_lr: 1e-2, ..config() };
+    let (train, dev) = (labelled(12, 21), labelled(6, 22));
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kd-methods-mate-kd-resume");
+    let _ = std::fs::remove_dir_all(&dir);
+    let tc = |checkpoint| TrainConfig {
+        epochs: 2,
+        batch_size: 2,
+        lr: 1e-2,
+        warmup_ratio: 0.2,
+        weight_decay: 0.01,
+        max_grad_norm: Some(1.0),
+        seed: 5,
+        eval_every: Some(3),
+        metric: MetricKind::Accuracy,
+        checkpoint,
+    };
+    let run = |m: &mut Models, checkpoint, observer: &mut dyn FnMut(Event)| {
+        mate_kd::train(
+            &mut m.student,
+            &m.teacher,
+            &mut m.generator,
+            &train,
+            Some(&dev),
+            &tc(checkpoint),
+            &mate,
+            observer,
+        )
+    };
+
+    let mut whole = models(0.1);
+    let want = run(&mut whole, None, &mut |_| {}).unwrap();
+
+    // The state is written after batches 4 and 8; the run dies during batch 10, in epoch 2.
+    let ck = |resume| Some(CheckpointConfig { dir: dir.clone(), every: 4, resume });
+    let mut first = models(0.1);
+    let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run(&mut first, ck(false), &mut |e| {
+            if let Event::Step { step: 10, .. } = e {
+                panic!("interrupted");
+            }
+        })
+    }));
+    assert!(died.is_err());
+
+    let mut resumed = models(0.1);
+    let mut events = Vec::new();
+    let report = run(&mut resumed, ck(true), &mut |e| match e {
+        Event::Resumed { step } => events.push(format!("resumed {step}")),
+        Event::Step { step, .. } => events.push(format!("step {step}")),
+        _ => {}
+    })
+    .unwrap();
+    assert_eq!(events, ["resumed 8", "step 9", "step 10", "step 11", "step 12"]);
+    assert_eq!(report.steps, 12);
+    assert!(snapshot(&resumed.student.weights) == snapshot(&whole.student.weights), "students differ");
+    assert!(snapshot(&resumed.generator.weights) == snapshot(&whole.generator.weights), "generators differ");
+    assert_ne!(snapshot(&resumed.generator.weights), snapshot(&models(0.1).generator.weights), "the generator trained");
+    assert_eq!(report.best_metrics, want.best_metrics);
+    assert_eq!(report.final_metrics, want.final_metrics);
 }

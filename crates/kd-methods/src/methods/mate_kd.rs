@@ -52,6 +52,7 @@ use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
 use kd_model::BertWeights;
 
 use crate::batching::{collate, gather_targets, BatchTargets, EncodedSet};
+use crate::checkpoint;
 use crate::losses;
 use crate::methods::generator::{mask_batch, MaskedBatch, Masking};
 use crate::methods::teacher::check_compatible;
@@ -516,6 +517,10 @@ pub fn adversarial_divergence(
 /// evaluation on `dev` every `cfg.eval_every` batches and at the end. Each batch reports an
 /// [`Event::Step`]: terms `ce`, `kd`, `adv` (already weighted 1/3) for a student step, and
 /// `generator` = -d_adv (what the generator minimises) for a generator step.
+///
+/// With `cfg.checkpoint`, the student, the generator and both optimisers are saved every
+/// `every` batches and at the end; a resumed run skips the batches done before (their orders
+/// and seeds derive from the seed and the batch index) and ends where an uninterrupted one does.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     student: &mut Bert,
@@ -560,11 +565,23 @@ pub fn train(
     let started = Instant::now();
     let (mut best, mut last): (Option<Metrics>, Option<Metrics>) = (None, None);
     let mut index = 0u64;
+    let mut parts = [
+        ("student.", &mut student.weights, &mut run.student_optimizer),
+        ("generator.", &mut generator.weights, &mut run.generator_optimizer),
+    ];
+    if let Some(resumed) = checkpoint::resume(cfg.checkpoint.as_ref(), &mut parts, observer)? {
+        index = resumed.step;
+        best = resumed.best;
+    }
+    let resume_at = index;
 
     for epoch in 0..cfg.epochs {
         let mut order: Vec<usize> = (0..train.items.len()).collect();
         Rng::new(mix64(cfg.seed ^ (epoch as u64 + 1))).shuffle(&mut order);
-        for indices in order.chunks(cfg.batch_size) {
+        for (batch_in_epoch, indices) in order.chunks(cfg.batch_size).enumerate() {
+            if epoch as u64 * steps_per_epoch + (batch_in_epoch as u64) < resume_at {
+                continue; // done before the interruption
+            }
             let t0 = Instant::now();
             let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
             let targets = gather_targets(&train.targets, indices, &device)?;
@@ -596,6 +613,11 @@ pub fn train(
                 }
                 last = Some(metrics);
             }
+            let parts = [
+                ("student.", &student.weights, &run.student_optimizer),
+                ("generator.", &generator.weights, &run.generator_optimizer),
+            ];
+            checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, index, total_batches, best.as_ref())?;
         }
     }
     Ok(TrainReport { steps: index, seconds: started.elapsed().as_secs_f64(), final_metrics: last, best_metrics: best })
