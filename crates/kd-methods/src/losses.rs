@@ -13,6 +13,7 @@ use kd_model::optim::{Optimizer, Params};
 use kd_model::{BertConfig, Linear};
 
 use crate::batching::BatchTargets;
+use crate::checkpoint::OwnPart;
 use crate::{Error, Result};
 
 fn sum(t: &Tensor) -> Result<f32> {
@@ -215,14 +216,30 @@ impl HiddenProjection {
     /// One AdamW step on the step's gradients, at the learning rate of `student`'s next update
     /// (call it before that update), then zeroes the gradients.
     pub fn update(&mut self, student: &Optimizer) -> Result<()> {
-        if self.optimizer.is_none() {
-            let mut opt = Optimizer::new(student.config, &self.weights)?;
-            opt.step = student.step; // a resumed run: same place on the schedule
-            self.optimizer = Some(opt);
-        }
-        self.optimizer.as_mut().expect("made above").update(&mut self.weights, &mut self.grads)?;
+        let optimizer = Self::optimizer(&mut self.optimizer, &self.weights, student)?;
+        optimizer.update(&mut self.weights, &mut self.grads)?;
         self.grads.zero()?;
         Ok(())
+    }
+
+    /// The projections and their optimiser as the checkpoint's part `projection.`.
+    pub fn part(&mut self, student: &Optimizer) -> Result<OwnPart<'_>> {
+        let optimizer = Self::optimizer(&mut self.optimizer, &self.weights, student)?;
+        Ok(("projection.", &mut self.weights, optimizer))
+    }
+
+    /// The projections' optimiser, made on first use at `student`'s place on the schedule.
+    fn optimizer<'o>(
+        slot: &'o mut Option<Optimizer<ProjectionParams>>,
+        weights: &ProjectionParams,
+        student: &Optimizer,
+    ) -> Result<&'o mut Optimizer<ProjectionParams>> {
+        if slot.is_none() {
+            let mut opt = Optimizer::new(student.config, weights)?;
+            opt.step = student.step;
+            *slot = Some(opt);
+        }
+        Ok(slot.as_mut().expect("made above"))
     }
 }
 

@@ -11,7 +11,7 @@ use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
 use kd_model::BertWeights;
 
 use crate::batching::{collate, gather_targets, BatchTargets, Encoded, EncodedSet, Targets};
-use crate::checkpoint::{self, CheckpointConfig};
+use crate::checkpoint::{self, CheckpointConfig, OwnPart};
 use crate::data::Label;
 use crate::metrics::{task_metrics, MetricKind, Metrics};
 use crate::{Error, Result};
@@ -81,6 +81,13 @@ pub trait Objective {
     /// projection), once per step after [`Objective::loss`], just before `student`'s update.
     fn update_own(&mut self, _student: &Optimizer) -> Result<()> {
         Ok(())
+    }
+
+    /// The parameters [`Objective::update_own`] steps, with their optimiser (made from
+    /// `student`'s settings if none is yet), for the checkpoint to save and restore: a resumed
+    /// run must continue them, not restart them.
+    fn own_part(&mut self, _student: &Optimizer) -> Result<Option<OwnPart<'_>>> {
+        Ok(None)
     }
 }
 
@@ -181,8 +188,9 @@ pub fn train(
     let mut best: Option<Metrics> = None;
     let mut last: Option<Metrics> = None;
     let mut step = 0u64;
+    let own = objective.own_part(&optimizer)?;
     let mut parts = [("", &mut student.weights, &mut optimizer)];
-    if let Some(resumed) = checkpoint::resume(cfg.checkpoint.as_ref(), &mut parts, observer)? {
+    if let Some(resumed) = checkpoint::resume(cfg.checkpoint.as_ref(), &mut parts, own, observer)? {
         step = resumed.step;
         best = resumed.best;
     }
@@ -231,7 +239,8 @@ pub fn train(
                 last = Some(metrics);
             }
             let parts = [("", &student.weights, &optimizer)];
-            checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, step, total_steps, best.as_ref())?;
+            let own = objective.own_part(&optimizer)?;
+            checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, own, step, total_steps, best.as_ref())?;
         }
     }
     Ok(TrainReport { steps: step, seconds: started.elapsed().as_secs_f64(), final_metrics: last, best_metrics: best })

@@ -55,6 +55,7 @@ use kd_model::optim::Optimizer;
 use kd_model::BertWeights;
 
 use crate::batching::{EncodedSet, Targets};
+use crate::checkpoint::OwnPart;
 use crate::data::GlueTask;
 use crate::losses::{self, HiddenProjection};
 use crate::methods::kd::{Kd, TeacherLogits};
@@ -489,6 +490,10 @@ impl Objective for CrIld<'_> {
             Some(p) => p.update(student),
             None => Ok(()),
         }
+    }
+
+    fn own_part(&mut self, student: &Optimizer) -> Result<Option<OwnPart<'_>>> {
+        self.projection.as_mut().map(|p| p.part(student)).transpose()
     }
 }
 

@@ -13,6 +13,7 @@ use kd_kernels::rng::mix64;
 use kd_model::bert::{Activations, Bert, OutputGrads};
 use kd_model::optim::Optimizer;
 
+use crate::checkpoint::OwnPart;
 use crate::losses::{self, HiddenProjection};
 use crate::methods::teacher::LiveTeacher;
 use crate::trainer::{LossLog, Objective, StepInput};
@@ -94,6 +95,10 @@ impl Objective for Ild<'_> {
             Some(p) => p.update(student),
             None => Ok(()),
         }
+    }
+
+    fn own_part(&mut self, student: &Optimizer) -> Result<Option<OwnPart<'_>>> {
+        self.projection.as_mut().map(|p| p.part(student)).transpose()
     }
 }
 
@@ -269,6 +274,61 @@ mod tests {
             at(base);
             assert!(close(want, numeric), "{name}[{index}]: analytic {want}, numeric {numeric}");
         }
+    }
+
+    #[test]
+    fn a_run_with_projections_resumes_to_the_uninterrupted_result() {
+        use crate::checkpoint::{self, CheckpointConfig};
+        fn snapshot<P: Params>(p: &mut P) -> Vec<(String, Vec<f32>)> {
+            p.params_mut().into_iter().map(|(n, t)| (n, t.to_vec().unwrap())).collect()
+        }
+        let teacher = model(64, 4, 2, 1);
+        let s = set(8, 4);
+        let dir = std::env::temp_dir().join(format!("kd-ild-resume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // 2 steps an epoch, 6 in all; the state is written after steps 2 and 4, the run dies in 5.
+        let cfg = |checkpoint| TrainConfig { checkpoint, warmup_ratio: 0.2, ..train_config(3, 4) };
+        let ck = |resume| Some(CheckpointConfig { dir: dir.clone(), every: 2, resume });
+        let run = |checkpoint, observer: &mut dyn FnMut(Event)| {
+            let mut student = model(32, 2, 2, 2);
+            let mut ild = Ild::new(&teacher, &student, false, 5).unwrap();
+            let done = train(&mut student, &s, None, &mut ild, &cfg(checkpoint), observer).map(|r| r.steps);
+            let projection = snapshot(&mut ild.projection.unwrap().weights);
+            (done, snapshot(&mut student.weights), projection)
+        };
+
+        let (_, want_student, want_projection) = run(None, &mut |_| {});
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(ck(false), &mut |e| {
+                if let Event::Step { step: 5, .. } = e {
+                    panic!("interrupted");
+                }
+            })
+        }));
+        assert!(died.is_err());
+        let mut events = Vec::new();
+        let (done, student, projection) = run(ck(true), &mut |e| match e {
+            Event::Resumed { step } => events.push(format!("resumed {step}")),
+            Event::Step { step, .. } => events.push(format!("step {step}")),
+            _ => {}
+        });
+        assert_eq!(done.unwrap(), 6);
+        assert_eq!(events, ["resumed 4", "step 5", "step 6"]);
+        assert!(student == want_student, "students differ");
+        assert!(projection == want_projection, "projections differ");
+
+        // A state written without the projections (before they were stored) still loads: they
+        // keep their values, their optimiser at the run's step.
+        let mut student = model(32, 2, 2, 2);
+        let mut optimizer = Optimizer::new(cfg(None).optimizer(6), &student.weights).unwrap();
+        checkpoint::save(&dir, &[("", &student.weights, &optimizer)], None, 4, None).unwrap();
+        let mut ild = Ild::new(&teacher, &student, false, 5).unwrap();
+        let own = ild.own_part(&optimizer).unwrap();
+        let resumed = checkpoint::load(&dir, &mut [("", &mut student.weights, &mut optimizer)], own).unwrap();
+        assert_eq!(resumed.unwrap().step, 4);
+        assert_eq!(ild.own_part(&optimizer).unwrap().unwrap().2.step, 4);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -569,7 +569,7 @@ pub fn train(
         ("student.", &mut student.weights, &mut run.student_optimizer),
         ("generator.", &mut generator.weights, &mut run.generator_optimizer),
     ];
-    if let Some(resumed) = checkpoint::resume(cfg.checkpoint.as_ref(), &mut parts, observer)? {
+    if let Some(resumed) = checkpoint::resume(cfg.checkpoint.as_ref(), &mut parts, None, observer)? {
         index = resumed.step;
         best = resumed.best;
     }
@@ -617,7 +617,7 @@ pub fn train(
                 ("student.", &student.weights, &run.student_optimizer),
                 ("generator.", &generator.weights, &run.generator_optimizer),
             ];
-            checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, index, total_batches, best.as_ref())?;
+            checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, None, index, total_batches, best.as_ref())?;
         }
     }
     Ok(TrainReport { steps: index, seconds: started.elapsed().as_secs_f64(), final_metrics: last, best_metrics: best })
