@@ -22,13 +22,17 @@ fn forward_matches_reference() {
     let mut out = tensor(&vec![f32::NAN; x.len()], &[x.len()]);
     gelu_forward(&mut out, &tensor(&x, &[x.len()])).unwrap();
     let want: Vec<f64> = x.iter().map(|&v| ref_gelu(v)).collect();
-    // The atol only covers the far left tail, where the float64 `1 + erf` itself cancels.
-    assert_close("gelu", out.cpu().unwrap(), &want, 1e-6, 1e-12);
+    // The atol covers the left tail, where the f32 Phi is only within about 6e-8 absolute (its erf
+    // within 1.3e-7, measured on a dense grid of [-10, 10]; PyTorch's CPU erf: 1.5e-7); these inputs
+    // need 5e-8.
+    assert_close("gelu", out.cpu().unwrap(), &want, 1e-6, 1e-7);
 }
 
 #[test]
-fn forward_keeps_relative_precision_in_the_left_tail() {
+fn forward_matches_tabulated_left_tail() {
     // x * Phi(x) at x = -3, -5, -8 (Phi from its tabulated values), where 1 + erf cancels in f32.
+    // Relative precision holds here because x * x is exact for these x; elsewhere in the tail the
+    // rounding of x * x in the exponent costs up to a few 1e-6 of it (absolute error still < 1e-7).
     let cases = [
         (-3.0f32, -3.0 * 1.349_898_031_630_094_6e-3),
         (-5.0, -5.0 * 2.866_515_718_791_939e-7),
@@ -105,4 +109,40 @@ fn rejects_bad_shapes() {
     assert!(matches!(r, Err(Error::Shape { op: "tanh_forward", .. })), "{r:?}");
     let r = tanh_backward(&mut zeros(&[4]), &zeros(&[4]), &zeros(&[3]));
     assert!(matches!(r, Err(Error::Shape { op: "tanh_backward", .. })), "{r:?}");
+}
+
+#[test]
+fn forward_and_gradient_stay_within_measured_bounds_on_a_dense_grid() {
+    // Max abs errors measured on this grid: GELU 3.8e-7 (the rounding of outputs up to 10; at most
+    // 1e-7 below |x| = 1), its gradient 1.5e-7; PyTorch's CPU erf alone is within 1.5e-7.
+    let n = 2_000_001;
+    let x: Vec<f32> = (0..n).map(|i| (-10.0 + 20.0 * i as f64 / (n - 1) as f64) as f32).collect();
+    let t = tensor(&x, &[n]);
+    let mut out = zeros(&[n]);
+    gelu_forward(&mut out, &t).unwrap();
+    let mut dx = zeros(&[n]);
+    gelu_backward(&mut dx, &tensor(&vec![1.0; n], &[n]), &t).unwrap();
+    let (mut forward, mut backward) = (0f64, 0f64);
+    for ((&v, &y), &g) in x.iter().zip(out.cpu().unwrap()).zip(dx.cpu().unwrap()) {
+        let v = v as f64;
+        let cdf = 0.5 * libm::erfc(-v / std::f64::consts::SQRT_2);
+        let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        forward = forward.max((y as f64 - v * cdf).abs());
+        backward = backward.max((g as f64 - (cdf + v * pdf)).abs());
+    }
+    assert!(forward <= 4e-7 && backward <= 2e-7, "max abs errors: gelu {forward:e}, gelu' {backward:e}");
+}
+
+#[test]
+fn extremes_map_to_limits_and_nan_propagates() {
+    let x = [f32::NEG_INFINITY, -20.0, 20.0, f32::INFINITY, f32::NAN];
+    let t = tensor(&x, &[5]);
+    let mut out = zeros(&[5]);
+    gelu_forward(&mut out, &t).unwrap();
+    let mut dx = zeros(&[5]);
+    gelu_backward(&mut dx, &tensor(&[1.0; 5], &[5]), &t).unwrap();
+    let (y, g) = (out.cpu().unwrap(), dx.cpu().unwrap());
+    assert_eq!(&y[..4], &[0.0, 0.0, 20.0, f32::INFINITY], "gelu");
+    assert_eq!(&g[..4], &[0.0, 0.0, 1.0, 1.0], "gelu'");
+    assert!(y[4].is_nan() && g[4].is_nan(), "NaN: gelu {}, gelu' {}", y[4], g[4]);
 }

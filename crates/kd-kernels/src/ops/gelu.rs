@@ -1,10 +1,14 @@
 //! Activations: exact GELU, HF's `"gelu"`: `0.5 * x * (1 + erf(x / sqrt 2))`, and tanh (the
 //! pooler's).
 //!
-//! For GELU, `1 + erf(z)` is written `erfc(-z)`, which keeps full relative precision in the left tail
-//! where `1 + erf(z)` cancels to nothing. It is evaluated in f64: in f32 the rounding of
-//! `x / sqrt 2` alone costs a few 1e-6 of relative precision in the tails, and `erfcf` is only
-//! about 30% faster than `erfc`.
+//! On the CPU, GELU and its gradient are branch-free f32 polynomials (selects, no calls), so that
+//! LLVM vectorises their loops: `Phi(x)` is a Taylor series for `|x| < 1` and Numerical Recipes'
+//! `erfcc` (relative error 1.2e-7) with a Cephes-style `exp` beyond. Measured against float64 on a
+//! dense grid of [-10, 10]: `erf` within 1.3e-7 absolute (PyTorch's CPU `erf`, Abramowitz-Stegun
+//! 7.1.26, is within 1.5e-7), GELU within 3.8e-7 absolute (the rounding of outputs up to 10), its
+//! gradient within 1.5e-7. Like PyTorch's CPU GELU, the left tail is only that close in absolute
+//! terms: the f32 rounding of `x * x` in the exponent costs a few 1e-6 of its relative precision.
+//! Their loops run 8 floats wide where the CPU has AVX2 (`with_avx2`).
 use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
@@ -18,39 +22,41 @@ const CHUNK: usize = 1 << 14;
 
 /// `out = gelu(x)`.
 pub fn gelu_forward(out: &mut Tensor, x: &Tensor) -> Result<()> {
-    map_forward("gelu_forward", "gelu_forward_f32", out, x, gelu)
+    map_forward("gelu_forward", "gelu_forward_f32", out, x, gelu_slice)
 }
 
 /// `dx += dout * gelu'(x)`.
 pub fn gelu_backward(dx: &mut Tensor, dout: &Tensor, x: &Tensor) -> Result<()> {
-    map_backward("gelu_backward", "gelu_backward_f32", dx, dout, x, gelu_grad)
+    map_backward("gelu_backward", "gelu_backward_f32", dx, dout, x, gelu_grad_slice)
 }
 
 /// `out = tanh(x)` (BERT's pooler activation).
 pub fn tanh_forward(out: &mut Tensor, x: &Tensor) -> Result<()> {
-    map_forward("tanh_forward", "tanh_forward_f32", out, x, f32::tanh)
+    map_forward("tanh_forward", "tanh_forward_f32", out, x, |out, x| {
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o = v.tanh())
+    })
 }
 
 /// `dx += dout * (1 - y^2)`, from the forward's output `y = tanh(x)`.
 pub fn tanh_backward(dx: &mut Tensor, dout: &Tensor, y: &Tensor) -> Result<()> {
-    map_backward("tanh_backward", "tanh_backward_f32", dx, dout, y, |y| 1.0 - y * y)
+    map_backward("tanh_backward", "tanh_backward_f32", dx, dout, y, |dx, dout, y| {
+        dx.iter_mut().zip(dout).zip(y).for_each(|((d, &g), &y)| *d += g * (1.0 - y * y))
+    })
 }
 
-/// `out = f(x)` element-wise; on a GPU, `kernel` of `kernels/gelu.cu` is that map.
+/// `out = f(x)` element-wise: `cpu(out, x)` over CPU slices, `kernel` of `kernels/gelu.cu` on a GPU.
 fn map_forward(
     op: &'static str,
     kernel: &'static str,
     out: &mut Tensor,
     x: &Tensor,
-    f: impl Fn(f32) -> f32 + Sync,
+    cpu: fn(&mut [f32], &[f32]),
 ) -> Result<()> {
     expect_shape(op, "out", out, x.shape())?;
     match common_device(op, &[out, x])? {
         Device::Cpu => {
             let x = x.cpu()?;
-            out.cpu_mut()?.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, x)| {
-                out.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v));
-            });
+            out.cpu_mut()?.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, x)| cpu(out, x));
             Ok(())
         }
         Device::Cuda(dev) => {
@@ -68,26 +74,26 @@ fn map_forward(
     }
 }
 
-/// `dx += dout * grad(saved)` element-wise, `saved` being what the forward kept (input or output);
-/// on a GPU, `kernel` of `kernels/gelu.cu` does it.
+/// `dx += dout * grad(saved)` element-wise, `saved` being what the forward kept (input or output):
+/// `cpu(dx, dout, saved)` over CPU slices, `kernel` of `kernels/gelu.cu` on a GPU.
 fn map_backward(
     op: &'static str,
     kernel: &'static str,
     dx: &mut Tensor,
     dout: &Tensor,
     saved: &Tensor,
-    grad: impl Fn(f32) -> f32 + Sync,
+    cpu: fn(&mut [f32], &[f32], &[f32]),
 ) -> Result<()> {
     expect_shape(op, "dx", dx, saved.shape())?;
     expect_shape(op, "dout", dout, saved.shape())?;
     match common_device(op, &[dx, dout, saved])? {
         Device::Cpu => {
             let (dout, saved) = (dout.cpu()?, saved.cpu()?);
-            dx.cpu_mut()?.par_chunks_mut(CHUNK).zip(dout.par_chunks(CHUNK)).zip(saved.par_chunks(CHUNK)).for_each(
-                |((dx, dout), saved)| {
-                    dx.iter_mut().zip(dout).zip(saved).for_each(|((d, &g), &s)| *d += g * grad(s));
-                },
-            );
+            dx.cpu_mut()?
+                .par_chunks_mut(CHUNK)
+                .zip(dout.par_chunks(CHUNK))
+                .zip(saved.par_chunks(CHUNK))
+                .for_each(|((dx, dout), saved)| cpu(dx, dout, saved));
             Ok(())
         }
         Device::Cuda(dev) => {
@@ -105,22 +111,122 @@ fn map_backward(
     }
 }
 
-/// `Phi(x)`, the standard normal CDF.
-#[inline]
-fn cdf(x: f64) -> f64 {
-    0.5 * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
+/// Runs `$body`, a function of the named arguments, compiled for AVX2 where the CPU has it: the
+/// workspace builds for baseline x86-64, whose SSE2 lanes hold 4 floats, AVX2's 8. The body must
+/// call its element functions by name: LLVM does not inline one reached through a generic `Fn`
+/// into the `#[target_feature]` function, and then nothing vectorises. No FMA is enabled, so both
+/// builds round alike and give the same bits.
+macro_rules! with_avx2 {
+    ($($arg:ident: $ty:ty),* => $body:block) => {{
+        #[inline(always)]
+        fn each($($arg: $ty),*) $body
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            #[target_feature(enable = "avx2")]
+            fn avx2($($arg: $ty),*) {
+                each($($arg),*)
+            }
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { avx2($($arg),*) };
+        }
+        each($($arg),*)
+    }};
 }
 
-#[inline]
+/// `out = gelu(x)` over CPU slices of equal length.
+fn gelu_slice(out: &mut [f32], x: &[f32]) {
+    with_avx2!(out: &mut [f32], x: &[f32] => {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = gelu(v);
+        }
+    })
+}
+
+/// `dx += dout * gelu'(x)` over CPU slices of equal length.
+fn gelu_grad_slice(dx: &mut [f32], dout: &[f32], x: &[f32]) {
+    with_avx2!(dx: &mut [f32], dout: &[f32], x: &[f32] => {
+        for ((d, &g), &v) in dx.iter_mut().zip(dout).zip(x) {
+            *d += g * gelu_grad(v);
+        }
+    })
+}
+
+/// `e^x` for `x <= 88`, flushed to 0 below -87: Cephes' `expf`, `2^n * p(r)` with `|r| <= ln(2) / 2`
+/// (relative error about 1e-7).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let xc = if x < -87.0 { -87.0 } else { x };
+    // Adding 1.5 * 2^23 rounds to an integer n and leaves n in the low mantissa bits, no conversion.
+    let k = xc * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = k - 12_582_912.0;
+    // ln 2 in two parts (Cody-Waite): n * 0.693359375 is exact.
+    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.987_569_2e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_65;
+    let p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let two_n = f32::from_bits((k.to_bits() << 23).wrapping_add(127 << 23));
+    if x < -87.0 {
+        0.0
+    } else {
+        y * two_n
+    }
+}
+
+/// `Phi(x)`, the standard normal CDF.
+#[inline(always)]
+fn cdf(x: f32) -> f32 {
+    let a = x.abs();
+    // Phi(-|x|) = erfc(|x| / sqrt 2) / 2, erfc by Numerical Recipes' erfcc with t = 1 / (1 + z / 2).
+    let t = 1.0 / (1.0 + a * (0.5 * std::f32::consts::FRAC_1_SQRT_2));
+    let q = 0.170_872_77;
+    let q = q * t - 0.822_152_2;
+    let q = q * t + 1.488_515_9;
+    let q = q * t - 1.135_204;
+    let q = q * t + 0.278_868_07;
+    let q = q * t - 0.186_288_06;
+    let q = q * t + 0.096_784_18;
+    let q = q * t + 0.374_091_96;
+    let q = q * t + 1.000_023_7;
+    let tail = 0.5 * t * exp(q * t - 1.265_512_2 - 0.5 * a * a);
+    // Near 0 erfcc's f32 rounding reaches 4e-7, so there the Taylor series of Phi(x) - 1/2:
+    // x * sum (-1)^k x^2k / (sqrt(2 pi) 2^k k! (2k + 1)), 9 terms being within 1e-9 for |x| < 1.
+    let x2 = x * x;
+    let s = 2.273_529_8e-9;
+    let s = s * x2 - 4.122_667_4e-8;
+    let s = s * x2 + 6.659_693_5e-7;
+    let s = s * x2 - 9.444_656e-6;
+    let s = s * x2 + 1.154_346_9e-4;
+    let s = s * x2 - 1.187_328_2e-3;
+    let s = s * x2 + 9.973_557e-3;
+    let s = s * x2 - 6.649_038e-2;
+    let s = s * x2 + 0.398_942_3;
+    if a < 1.0 {
+        0.5 + x * s
+    } else if x < 0.0 {
+        tail
+    } else {
+        1.0 - tail
+    }
+}
+
+#[inline(always)]
 fn gelu(x: f32) -> f32 {
-    let x = x as f64;
-    (x * cdf(x)) as f32
+    let p = cdf(x);
+    // Keeps gelu(-inf) = 0 rather than -inf * 0.
+    if p == 0.0 {
+        0.0
+    } else {
+        x * p
+    }
 }
 
 /// `d/dx [x * Phi(x)] = Phi(x) + x * phi(x)`.
-#[inline]
+#[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
-    let x = x as f64;
-    let pdf = (-0.5 * x * x).exp() * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
-    (cdf(x) + x * pdf) as f32
+    let pdf = 0.398_942_3 * exp(-0.5 * x * x);
+    cdf(x) + if pdf == 0.0 { 0.0 } else { x * pdf }
 }
