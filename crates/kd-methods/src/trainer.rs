@@ -166,6 +166,51 @@ pub struct TrainReport {
     pub best_metrics: Option<Metrics>,
 }
 
+/// The batches of a run from batch `resume_at` on, as (epoch, example positions): each epoch's
+/// order is a shuffle seeded by (seed, epoch), so a resumed run replays exactly what an
+/// uninterrupted one does after the interruption.
+pub(crate) fn batches(n: usize, cfg: &TrainConfig, resume_at: u64) -> impl Iterator<Item = (usize, Vec<usize>)> {
+    let (batch_size, seed) = (cfg.batch_size, cfg.seed);
+    (0..cfg.epochs)
+        .flat_map(move |epoch| {
+            let mut order: Vec<usize> = (0..n).collect();
+            Rng::new(mix64(seed ^ (epoch as u64 + 1))).shuffle(&mut order);
+            let chunks: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+            chunks.into_iter().map(move |chunk| (epoch, chunk))
+        })
+        .skip(resume_at as usize)
+}
+
+/// A run's dev scores: evaluated every `eval_every` steps and after the last, the best kept.
+#[derive(Default)]
+pub(crate) struct DevScores {
+    pub best: Option<Metrics>,
+    pub last: Option<Metrics>,
+}
+
+impl DevScores {
+    /// Evaluates `student` on `dev` when step `step` of `total` is due, telling `observer`.
+    pub(crate) fn after_step(
+        &mut self,
+        (step, total): (u64, u64),
+        cfg: &TrainConfig,
+        dev: Option<&EncodedSet>,
+        student: &Bert,
+        observer: &mut dyn FnMut(Event),
+    ) -> Result<()> {
+        let due = cfg.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == total;
+        let Some(dev) = dev.filter(|_| due) else { return Ok(()) };
+        let metrics = evaluate(student, dev, cfg.batch_size, cfg.metric)?;
+        observer(Event::Eval { step, metrics: &metrics });
+        if self.best.as_ref().is_none_or(|b| metrics.main() > b.main()) {
+            self.best = Some(metrics.clone());
+            observer(Event::Best { step, metrics: &metrics, model: student });
+        }
+        self.last = Some(metrics);
+        Ok(())
+    }
+}
+
 /// Trains `student` on `train` with `objective`; evaluates on `dev` when given.
 pub fn train(
     student: &mut Bert,
@@ -185,64 +230,45 @@ pub fn train(
     let mut optimizer = Optimizer::new(cfg.optimizer(total_steps), &student.weights)?;
     let mut grads = student.weights.zeros_like()?;
     let started = Instant::now();
-    let mut best: Option<Metrics> = None;
-    let mut last: Option<Metrics> = None;
+    let mut scores = DevScores::default();
     let mut step = 0u64;
     let own = objective.own_part(&optimizer)?;
     let mut parts = [("", &mut student.weights, &mut optimizer)];
     if let Some(resumed) = checkpoint::resume(cfg.checkpoint.as_ref(), &mut parts, own, observer)? {
         step = resumed.step;
-        best = resumed.best;
+        scores.best = resumed.best;
     }
-    let resume_at = step;
 
-    for epoch in 0..cfg.epochs {
-        let mut order: Vec<usize> = (0..train.items.len()).collect();
-        Rng::new(mix64(cfg.seed ^ (epoch as u64 + 1))).shuffle(&mut order);
-        for (batch_in_epoch, indices) in order.chunks(cfg.batch_size).enumerate() {
-            if epoch as u64 * steps_per_epoch + (batch_in_epoch as u64) < resume_at {
-                continue; // done before the interruption
-            }
-            let t0 = Instant::now();
-            let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
-            let targets = gather_targets(&train.targets, indices, &device)?;
-            let mut acts = student.activations(batch.batch, batch.seq)?;
-            let mode = ForwardMode {
-                train: true,
-                seed: mix64(cfg.seed.wrapping_add(step)),
-                keep_scores: objective.keep_scores(),
-            };
-            let input = StepInput { batch: &batch, indices, targets: &targets, epoch, step, steps_per_epoch };
-            objective.student_forward(student, &mut acts, &input, mode)?;
-            let mut out_grads = acts.output_grads()?;
-            let loss = objective.loss(&input, &acts, &mut out_grads)?;
-            if !loss.total.is_finite() {
-                return Err(Error::NonFinite(format!("loss is {} at step {}", loss.total, step + 1)));
-            }
-            grads.zero()?;
-            objective.student_backward(student, &mut grads, &mut acts, &out_grads, &input)?;
-            let lr = optimizer.lr();
-            objective.update_own(&optimizer)?;
-            optimizer.update(&mut student.weights, &mut grads)?;
-            step += 1;
-            let examples_per_s = indices.len() as f64 / t0.elapsed().as_secs_f64();
-            observer(Event::Step { step, total_steps, loss: &loss, lr, examples_per_s });
-
-            let eval_now = cfg.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == total_steps;
-            if let (true, Some(dev)) = (eval_now, dev) {
-                let metrics = evaluate(student, dev, cfg.batch_size, cfg.metric)?;
-                observer(Event::Eval { step, metrics: &metrics });
-                if best.as_ref().is_none_or(|b| metrics.main() > b.main()) {
-                    best = Some(metrics.clone());
-                    observer(Event::Best { step, metrics: &metrics, model: student });
-                }
-                last = Some(metrics);
-            }
-            let parts = [("", &student.weights, &optimizer)];
-            let own = objective.own_part(&optimizer)?;
-            checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, own, step, total_steps, best.as_ref())?;
+    for (epoch, indices) in batches(train.items.len(), cfg, step) {
+        let indices = &indices[..];
+        let t0 = Instant::now();
+        let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
+        let targets = gather_targets(&train.targets, indices, &device)?;
+        let mut acts = student.activations(batch.batch, batch.seq)?;
+        let mode =
+            ForwardMode { train: true, seed: mix64(cfg.seed.wrapping_add(step)), keep_scores: objective.keep_scores() };
+        let input = StepInput { batch: &batch, indices, targets: &targets, epoch, step, steps_per_epoch };
+        objective.student_forward(student, &mut acts, &input, mode)?;
+        let mut out_grads = acts.output_grads()?;
+        let loss = objective.loss(&input, &acts, &mut out_grads)?;
+        if !loss.total.is_finite() {
+            return Err(Error::NonFinite(format!("loss is {} at step {}", loss.total, step + 1)));
         }
+        grads.zero()?;
+        objective.student_backward(student, &mut grads, &mut acts, &out_grads, &input)?;
+        let lr = optimizer.lr();
+        objective.update_own(&optimizer)?;
+        optimizer.update(&mut student.weights, &mut grads)?;
+        step += 1;
+        let examples_per_s = indices.len() as f64 / t0.elapsed().as_secs_f64();
+        observer(Event::Step { step, total_steps, loss: &loss, lr, examples_per_s });
+
+        scores.after_step((step, total_steps), cfg, dev, student, observer)?;
+        let parts = [("", &student.weights, &optimizer)];
+        let own = objective.own_part(&optimizer)?;
+        checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, own, step, total_steps, scores.best.as_ref())?;
     }
+    let DevScores { best, last } = scores;
     Ok(TrainReport { steps: step, seconds: started.elapsed().as_secs_f64(), final_metrics: last, best_metrics: best })
 }
 

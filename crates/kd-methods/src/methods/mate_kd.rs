@@ -56,8 +56,7 @@ use crate::checkpoint;
 use crate::losses;
 use crate::methods::generator::{mask_batch, MaskedBatch, Masking};
 use crate::methods::teacher::check_compatible;
-use crate::metrics::Metrics;
-use crate::trainer::{argmax, evaluate, Event, LossLog, TrainConfig, TrainReport};
+use crate::trainer::{argmax, batches, DevScores, Event, LossLog, TrainConfig, TrainReport};
 use crate::{Error, Result};
 
 /// MATE-KD's own settings; the student's optimiser comes from the run's [`TrainConfig`].
@@ -563,7 +562,7 @@ pub fn train(
     let device = student.device();
     let pad = student.config.pad_token_id;
     let started = Instant::now();
-    let (mut best, mut last): (Option<Metrics>, Option<Metrics>) = (None, None);
+    let mut scores = DevScores::default();
     let mut index = 0u64;
     let mut parts = [
         ("student.", &mut student.weights, &mut run.student_optimizer),
@@ -571,54 +570,39 @@ pub fn train(
     ];
     if let Some(resumed) = checkpoint::resume(cfg.checkpoint.as_ref(), &mut parts, None, observer)? {
         index = resumed.step;
-        best = resumed.best;
+        scores.best = resumed.best;
     }
-    let resume_at = index;
 
-    for epoch in 0..cfg.epochs {
-        let mut order: Vec<usize> = (0..train.items.len()).collect();
-        Rng::new(mix64(cfg.seed ^ (epoch as u64 + 1))).shuffle(&mut order);
-        for (batch_in_epoch, indices) in order.chunks(cfg.batch_size).enumerate() {
-            if epoch as u64 * steps_per_epoch + (batch_in_epoch as u64) < resume_at {
-                continue; // done before the interruption
+    for (_, indices) in batches(train.items.len(), cfg, index) {
+        let indices = &indices[..];
+        let t0 = Instant::now();
+        let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
+        let targets = gather_targets(&train.targets, indices, &device)?;
+        let seeds = BatchSeeds::new(cfg.seed, index);
+        let (log, lr) = match mate.phase(index) {
+            Phase::Generator => {
+                let lr = run.generator_optimizer.lr();
+                let d_adv = run.generator_step(generator, student, &batch, &targets, &seeds)?;
+                let mut log = LossLog::default();
+                log.push("generator", -d_adv);
+                (log, lr)
             }
-            let t0 = Instant::now();
-            let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
-            let targets = gather_targets(&train.targets, indices, &device)?;
-            let seeds = BatchSeeds::new(cfg.seed, index);
-            let (log, lr) = match mate.phase(index) {
-                Phase::Generator => {
-                    let lr = run.generator_optimizer.lr();
-                    let d_adv = run.generator_step(generator, student, &batch, &targets, &seeds)?;
-                    let mut log = LossLog::default();
-                    log.push("generator", -d_adv);
-                    (log, lr)
-                }
-                Phase::Student => {
-                    let lr = run.student_optimizer.lr();
-                    (run.student_step(student, generator, &batch, &targets, &seeds)?, lr)
-                }
-            };
-            index += 1;
-            let examples_per_s = indices.len() as f64 / t0.elapsed().as_secs_f64();
-            observer(Event::Step { step: index, total_steps: total_batches, loss: &log, lr, examples_per_s });
+            Phase::Student => {
+                let lr = run.student_optimizer.lr();
+                (run.student_step(student, generator, &batch, &targets, &seeds)?, lr)
+            }
+        };
+        index += 1;
+        let examples_per_s = indices.len() as f64 / t0.elapsed().as_secs_f64();
+        observer(Event::Step { step: index, total_steps: total_batches, loss: &log, lr, examples_per_s });
 
-            let eval_now = cfg.eval_every.is_some_and(|n| index.is_multiple_of(n)) || index == total_batches;
-            if let (true, Some(dev)) = (eval_now, dev) {
-                let metrics = evaluate(student, dev, cfg.batch_size, cfg.metric)?;
-                observer(Event::Eval { step: index, metrics: &metrics });
-                if best.as_ref().is_none_or(|b| metrics.main() > b.main()) {
-                    best = Some(metrics.clone());
-                    observer(Event::Best { step: index, metrics: &metrics, model: student });
-                }
-                last = Some(metrics);
-            }
-            let parts = [
-                ("student.", &student.weights, &run.student_optimizer),
-                ("generator.", &generator.weights, &run.generator_optimizer),
-            ];
-            checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, None, index, total_batches, best.as_ref())?;
-        }
+        scores.after_step((index, total_batches), cfg, dev, student, observer)?;
+        let parts = [
+            ("student.", &student.weights, &run.student_optimizer),
+            ("generator.", &generator.weights, &run.generator_optimizer),
+        ];
+        checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, None, index, total_batches, scores.best.as_ref())?;
     }
+    let DevScores { best, last } = scores;
     Ok(TrainReport { steps: index, seconds: started.elapsed().as_secs_f64(), final_metrics: last, best_metrics: best })
 }
