@@ -9,7 +9,9 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kd_kernels::ops::attention::{attention_backward, attention_forward};
+use kd_kernels::ops::attention::{
+    attention_backward, attention_backward_stats, attention_forward, attention_forward_stats, flash_path,
+};
 use kd_kernels::ops::gemm::{matmul, MatmulSpec};
 use kd_kernels::ops::hidden_mse::hidden_mse;
 use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, SoftmaxKl};
@@ -119,20 +121,34 @@ fn bench_attention(c: &mut Criterion) {
                 zeros(&[batch, seq, width], &device),
                 zeros(&[batch, seq, width], &device),
             );
-            // Forward 4*B*H*L^2*Dh FLOP; backward about 2.5x that.
+            // Forward 4*B*H*L^2*Dh FLOP; backward about 2.5x that (the flash backward does more,
+            // recomputing the scores, but is credited the same work).
             group.throughput(Throughput::Elements((3.5 * 4.0 * (batch * heads * seq * seq * head_dim) as f64) as u64));
-            group.bench_function(
-                BenchmarkId::new(format!("{device}"), format!("B{batch}-H{heads}-L{seq}-D{head_dim}")),
-                |b| {
+            let id = format!("B{batch}-H{heads}-L{seq}-D{head_dim}");
+            // The maps materialised (attention-map KD's path; the id of earlier runs).
+            group.bench_function(BenchmarkId::new(format!("{device}"), &id), |b| {
+                b.iter_custom(|n| {
+                    timed(&device, n, || {
+                        attention_forward(&mut out, &mut probs, None, &q, &k, &v, &mask, None).unwrap();
+                        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, None, None).unwrap();
+                    })
+                })
+            });
+            // The flash kernels: no maps, the softmax statistics kept instead.
+            if flash_path(&device, head_dim) {
+                let mut stats = zeros(&[batch, heads, seq, 2], &device);
+                group.bench_function(BenchmarkId::new(format!("{device}"), format!("{id}-flash")), |b| {
                     b.iter_custom(|n| {
                         timed(&device, n, || {
-                            attention_forward(&mut out, &mut probs, None, &q, &k, &v, &mask, None).unwrap();
-                            attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, None, None)
-                                .unwrap();
+                            attention_forward_stats(&mut out, &mut stats, None, None, &q, &k, &v, &mask, None).unwrap();
+                            attention_backward_stats(
+                                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &stats, &mask, None,
+                            )
+                            .unwrap();
                         })
                     })
-                },
-            );
+                });
+            }
         }
     }
     group.finish();

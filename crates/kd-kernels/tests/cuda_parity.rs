@@ -638,3 +638,76 @@ fn gumbel_softmax_st_matches_cpu() {
         }
     }
 }
+
+/// The flash path (attention_forward_stats without maps, attention_backward_stats) against the
+/// CPU, which materialises the maps. 2e-5, not 1e-5: tests/flash_attention_algorithm.rs runs the
+/// kernels' loops on the CPU within 1e-5 of the reference, but with Rust's `exp`; the GPU adds
+/// `expf` (up to 2 ulp), contracted multiply-adds and the row dot taken as dout . out, so it gets
+/// twice that. A wrong index, mask, tail or dropout factor is off by far more.
+#[test]
+fn flash_attention_matches_cpu() {
+    use kd_kernels::ops::attention::{attention_backward_stats, attention_forward_stats, flash_path};
+    const FLASH_RTOL: f64 = 2e-5;
+    let Some(gpu) = gpu() else { return };
+    assert!(flash_path(&gpu, 32) && flash_path(&gpu, 64), "this GPU cannot run the flash kernels");
+    let mut rng = Rng::new(16);
+    // (B, L, H, Dh, real tokens per example): a fully padded example, partial tiles (L = 37,
+    // 300), a single token, and the longest supported sequence.
+    let cases: [(usize, usize, usize, usize, &[usize]); 5] = [
+        (3, 128, 4, 32, &[128, 77, 0]),
+        (2, 37, 2, 64, &[37, 20]),
+        (2, 300, 3, 32, &[300, 1]),
+        (2, 1, 2, 64, &[1, 0]),
+        (1, 512, 2, 64, &[400]),
+    ];
+    for (case, &(b, l, h, dh, real)) in cases.iter().enumerate() {
+        let x = [b, l, h * dh];
+        let n = b * l * h * dh;
+        let (q, k, v, dout) =
+            (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+        let mask: Vec<f32> = (0..b * l).map(|i| f32::from(i % l < real[i / l])).collect();
+        let init = randn(&mut rng, n, 1.0);
+        // Rows of examples with a real token: a fully padded row's max is f32::MIN on both sides,
+        // which would make the tensor's scale meaningless.
+        let real_rows: Vec<usize> = (0..b * h * l).filter(|r| real[r / (h * l)] > 0).collect();
+        for dropout in [None, Some(AttentionDropout { p: 0.1, seed: 91 + case as u64 })] {
+            // maps: the materialised forward (its stats from attention_softmax_f32) before the
+            // flash backward.
+            for maps in [false, true] {
+                let what = format!("flash attention B={b} L={l} H={h} Dh={dh} {dropout:?} maps={maps}");
+                let run = |dev: &Device| {
+                    let (q, k, v, mask) = (t(&q, &x, dev), t(&k, &x, dev), t(&v, &x, dev), t(&mask, &[b, l], dev));
+                    let mut out = Tensor::zeros(&x, dev).unwrap();
+                    let mut stats = Tensor::zeros(&[b, h, l, 2], dev).unwrap();
+                    let mut probs = maps.then(|| Tensor::zeros(&[b, h, l, l], dev).unwrap());
+                    attention_forward_stats(&mut out, &mut stats, probs.as_mut(), None, &q, &k, &v, &mask, dropout)
+                        .unwrap();
+                    let (mut dq, mut dk, mut dv) = (t(&init, &x, dev), t(&init, &x, dev), t(&init, &x, dev));
+                    let dout = t(&dout, &x, dev);
+                    attention_backward_stats(
+                        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &stats, &mask, dropout,
+                    )
+                    .unwrap();
+                    let stats = host(&stats);
+                    vec![
+                        ("out", host(&out)),
+                        ("row max", real_rows.iter().map(|&r| stats[2 * r]).collect()),
+                        ("row sum", stats.iter().skip(1).step_by(2).copied().collect()),
+                        ("dq", host(&dq)),
+                        ("dk", host(&dk)),
+                        ("dv", host(&dv)),
+                    ]
+                };
+                parity(&gpu, &what, FLASH_RTOL, run);
+                // Every gradient element is written by one thread in a fixed order.
+                let (first, second) = (run(&gpu), run(&gpu));
+                for ((name, a), (_, b)) in first.iter().zip(&second) {
+                    assert!(
+                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{what}: {name} not deterministic"
+                    );
+                }
+            }
+        }
+    }
+}
