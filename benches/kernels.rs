@@ -8,15 +8,16 @@
 
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use kd_kernels::ops::attention::{
     attention_backward, attention_backward_stats, attention_forward, attention_forward_stats, flash_path,
 };
 use kd_kernels::ops::gemm::{matmul, MatmulSpec};
 use kd_kernels::ops::hidden_mse::hidden_mse;
-use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, SoftmaxKl};
+use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, KlLogits, SoftmaxKl};
 use kd_kernels::rng::Rng;
-use kd_kernels::{Device, Tensor};
+use kd_kernels::{Bf16Tensor, Device, Tensor};
 
 fn devices() -> Vec<Device> {
     let mut v = vec![Device::Cpu];
@@ -55,22 +56,38 @@ fn bench_softmax_kl(c: &mut Criterion) {
     group.sample_size(10);
     for device in devices() {
         for (rows, cols) in [(4096usize, 30522usize), (8192, 2)] {
-            let s = randn(&[rows, cols], 2.0, 1, &device);
-            let t = randn(&[rows, cols], 2.0, 2, &device);
-            let mut loss = zeros(&[rows], &device);
-            let mut ds = zeros(&[rows, cols], &device);
+            let (s, t) = (randn(&[rows, cols], 2.0, 1, &device), randn(&[rows, cols], 2.0, 2, &device));
             // Minimum traffic: read both rows, read and write the gradient (backward ops
             // accumulate), 16 bytes per element in fp32.
-            group.throughput(Throughput::Bytes((rows * cols * 16) as u64));
-            let spec = SoftmaxKl { temperature: 2.0, form: KlForm::Kl, grad_scale: 1.0 / rows as f32 };
-            group.bench_function(BenchmarkId::new(format!("{device}"), format!("{rows}x{cols}")), |b| {
-                b.iter_custom(|n| {
-                    timed(&device, n, || softmax_kl(&mut loss, Some(&mut ds), None, &s, &t, None, spec).unwrap())
-                })
-            });
+            bench_softmax_kl_case(&mut group, &device, &s, &t, [rows, cols], 16, "");
         }
+        // bf16 logits, f32 gradient: 2 + 2 bytes read for the rows and 4 + 4 read and written
+        // for the gradient, 12 bytes per element.
+        let (rows, cols) = (4096, 30522);
+        let s = Bf16Tensor::from_f32(&randn(&[rows, cols], 2.0, 1, &device)).unwrap();
+        let t = Bf16Tensor::from_f32(&randn(&[rows, cols], 2.0, 2, &device)).unwrap();
+        bench_softmax_kl_case(&mut group, &device, &s, &t, [rows, cols], 12, " bf16");
     }
     group.finish();
+}
+
+/// softmax_kl forward + student gradient on `[rows, cols]` logits of either type.
+fn bench_softmax_kl_case<L: KlLogits>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    device: &Device,
+    s: &L,
+    t: &L,
+    [rows, cols]: [usize; 2],
+    bytes_per_element: usize,
+    label: &str,
+) {
+    let mut loss = zeros(&[rows], device);
+    let mut ds = zeros(&[rows, cols], device);
+    group.throughput(Throughput::Bytes((rows * cols * bytes_per_element) as u64));
+    let spec = SoftmaxKl { temperature: 2.0, form: KlForm::Kl, grad_scale: 1.0 / rows as f32 };
+    group.bench_function(BenchmarkId::new(format!("{device}"), format!("{rows}x{cols}{label}")), |b| {
+        b.iter_custom(|n| timed(device, n, || softmax_kl(&mut loss, Some(&mut ds), None, s, t, None, spec).unwrap()))
+    });
 }
 
 fn bench_hidden_mse(c: &mut Criterion) {

@@ -5,21 +5,27 @@
 // (running maxima of the raw logits, sums rescaled when the maximum moves), the partial scans
 // are merged exactly (a merge is the online update applied to a whole partial state), and a
 // gradient pass over the same values writes the gradients. Three launch shapes:
-//   softmax_kl_f32_warp:     `group` lanes of a warp (a power of two <= 32) per row, several
+//   softmax_kl_*_warp:       `group` lanes of a warp (a power of two <= 32) per row, several
 //                            rows per warp when rows are short, for rows up to 1,024 classes
 //                            (labels, attention keys); the gradient pass rereads the row from L1;
-//   softmax_kl_f32_resident: one 1,024-thread block per row of 8,193 to 30,720 classes (BERT's
+//   softmax_kl_*_resident:   one 1,024-thread block per row of 8,193 to 30,720 classes (BERT's
 //                            30,522), the teacher row and half the student row in shared memory
 //                            and the rest in registers, so the row comes from DRAM once: 16 bytes
 //                            per class with a student gradient (read both rows, read and write
 //                            dstudent) instead of 24 when the gradient pass rereads rows that no
 //                            longer fit in L2;
-//   softmax_kl_f32_block:    one block per row, the gradient pass rereading the row, for the
+//   softmax_kl_*_block:      one block per row, the gradient pass rereading the row, for the
 //                            other wide rows: up to 8,192 classes the rows in flight fit in L2,
 //                            and wider than 30,720 they do not fit on chip.
 // Masked entries (f32::MIN or -inf in both rows) get zero teacher probability and so add 0 to
 // the loss and to both gradients; a row of only f32::MIN is uniform, as on the CPU.
+//
+// Each shape is one template over the logits' type, with an extern "C" kernel per type:
+// softmax_kl_f32_* reads f32 logits and softmax_kl_bf16_* bf16 ones (kd_bf16), converting each
+// value to f32 as it is read; the statistics, the loss and the gradients are f32 either way,
+// and the resident kernel's shared memory holds the rows as f32 for both.
 #include "common.cuh"
+#include "bf16.cuh"
 
 struct KlStats {
     float max_t;  // teacher: max logit, sum e, sum e x, sum e (z_t - z_s) / T
@@ -87,12 +93,14 @@ struct KlMerge {
     }
 };
 
+// In: the logits' type, float or kd_bf16.
+template <class In>
 struct KlArgs {
     float* loss;          // [R], overwritten
     float* ds;            // [R, C] or null, accumulated
     float* dt;            // [R, C] or null, accumulated
-    const float* zs;      // [R, C]
-    const float* zt;      // [R, C]
+    const In* zs;         // [R, C]
+    const In* zt;         // [R, C]
     const float* w;       // [R] or null (all 1)
     int c;
     float t;
@@ -111,7 +119,8 @@ struct KlRow {
     int form;
 };
 
-__device__ __forceinline__ KlRow kl_finish(const KlStats& st, const KlArgs& a, float w) {
+template <class In>
+__device__ __forceinline__ KlRow kl_finish(const KlStats& st, const KlArgs<In>& a, float w) {
     KlRow r;
     r.max_t = st.max_t;
     r.max_s = st.max_s;
@@ -146,24 +155,24 @@ __device__ __forceinline__ KlGrad kl_grad(const KlRow& r, float s, float t) {
     return g;
 }
 
-template <class Team>
-__device__ __forceinline__ void kl_row(const Team& team, int row, const KlArgs& a) {
+template <class Team, class In>
+__device__ __forceinline__ void kl_row(const Team& team, int row, const KlArgs<In>& a) {
     float w = a.w ? a.w[row] : 1.f;
     if (w == 0.f) {
         if (team.lane == 0) a.loss[row] = 0.f;
         return;
     }
     const size_t base = (size_t)row * a.c;
-    const float* zs = a.zs + base;
-    const float* zt = a.zt + base;
+    const In* zs = a.zs + base;
+    const In* zt = a.zt + base;
     KlStats st = kl_empty();
-    for (int i = team.lane; i < a.c; i += team.size) kl_push(st, zs[i], zt[i], a.inv_t);
+    for (int i = team.lane; i < a.c; i += team.size) kl_push(st, kd_to_f32(zs[i]), kd_to_f32(zt[i]), a.inv_t);
     st = team.reduce(st, KlMerge{a.inv_t});
     const KlRow r = kl_finish(st, a, w);
     if (team.lane == 0) a.loss[row] = w * a.t * a.t * r.div;
     if (!a.ds && !a.dt) return;
     for (int i = team.lane; i < a.c; i += team.size) {
-        const KlGrad g = kl_grad(r, zs[i], zt[i]);
+        const KlGrad g = kl_grad(r, kd_to_f32(zs[i]), kd_to_f32(zt[i]));
         if (a.ds) a.ds[base + i] += g.ds;
         if (a.dt) a.dt[base + i] += g.dt;
     }
@@ -171,26 +180,35 @@ __device__ __forceinline__ void kl_row(const Team& team, int row, const KlArgs& 
 
 // Flat parameter lists (not KlArgs by value) so that the host passes each buffer through
 // cudarc's launch builder, which orders it against other streams.
-#define KL_PARAMS                                                                                    \
+#define KL_PARAMS(In)                                                                                \
     float *__restrict__ loss, float *__restrict__ ds, float *__restrict__ dt,                        \
-        const float *__restrict__ zs, const float *__restrict__ zt, const float *__restrict__ w,     \
+        const In *__restrict__ zs, const In *__restrict__ zt, const float *__restrict__ w,           \
         int rows, int c, float t, float inv_t, int form, float grad_scale
-#define KL_ARGS KlArgs{loss, ds, dt, zs, zt, w, c, t, inv_t, form, grad_scale}
+#define KL_ARGS(In) KlArgs<In>{loss, ds, dt, zs, zt, w, c, t, inv_t, form, grad_scale}
 
-extern "C" __global__ void softmax_kl_f32_warp(KL_PARAMS, int group) {
+template <class In>
+__device__ __forceinline__ void kl_warp(const KlArgs<In>& a, int rows, int group) {
     GroupTeam team;
     int row = kd_group_row(group, rows, &team);
     if (row < 0) return;
-    kl_row(team, row, KL_ARGS);
+    kl_row(team, row, a);
 }
 
-extern "C" __global__ void softmax_kl_f32_block(KL_PARAMS) {
+template <class In>
+__device__ __forceinline__ void kl_block(const KlArgs<In>& a, int rows) {
     if ((int)blockIdx.x >= rows) return;
     BlockTeam team{(int)threadIdx.x, (int)blockDim.x};
-    kl_row(team, blockIdx.x, KL_ARGS);
+    kl_row(team, blockIdx.x, a);
 }
 
-// softmax_kl_f32_resident's shape (RESIDENT_* in ops/softmax_kl.rs): 1,024 threads, each
+extern "C" __global__ void softmax_kl_f32_warp(KL_PARAMS(float), int group) { kl_warp(KL_ARGS(float), rows, group); }
+extern "C" __global__ void softmax_kl_bf16_warp(KL_PARAMS(kd_bf16), int group) {
+    kl_warp(KL_ARGS(kd_bf16), rows, group);
+}
+extern "C" __global__ void softmax_kl_f32_block(KL_PARAMS(float)) { kl_block(KL_ARGS(float), rows); }
+extern "C" __global__ void softmax_kl_bf16_block(KL_PARAMS(kd_bf16)) { kl_block(KL_ARGS(kd_bf16), rows); }
+
+// softmax_kl_*_resident's shape (RESIDENT_* in ops/softmax_kl.rs): 1,024 threads, each
 // holding 30 slots of the row (class lane + k * 1,024 in slot k, so every access is coalesced
 // and conflict-free). The teacher row and the student's first KD_KL_SHARED_SLOTS slots are in
 // shared memory, (KD_KL_SHARED_SLOTS + 30) * 4 KiB of it; the student's other slots are in
@@ -211,15 +229,23 @@ __device__ __forceinline__ void kd_cp_async_f32(unsigned shared_dst, const float
 
 __device__ __forceinline__ void kd_cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
+// Puts one logit into the f32 shared memory at byte address `shared_dst`. A bf16 cannot take
+// cp.async (it copies 4, 8 or 16 bytes, and the slot is f32), so it is loaded, widened and
+// stored; kd_cp_async_wait_all then has nothing to wait for.
+__device__ __forceinline__ void kl_stage(unsigned shared_dst, const float* src) { kd_cp_async_f32(shared_dst, src); }
+__device__ __forceinline__ void kl_stage(unsigned shared_dst, const kd_bf16* src) {
+    asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(shared_dst), "f"(kd_ldcs_f32(src)) : "memory");
+}
+
 // Asks L2 for the 32-byte sector holding p; a hint, nothing is loaded into registers.
 __device__ __forceinline__ void kd_prefetch_l2(const float* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
-extern "C" __global__ void __launch_bounds__(KD_KL_RESIDENT_THREADS, 1) softmax_kl_f32_resident(KL_PARAMS) {
+template <class In>
+__device__ __forceinline__ void kl_resident(const KlArgs<In>& a, int rows) {
     // The student's shared slots, then all 30 slots of the teacher.
     extern __shared__ float rows_sh[];
     const int row = blockIdx.x;
     if (row >= rows) return;
-    const KlArgs a = KL_ARGS;
     const float wr = a.w ? a.w[row] : 1.f;
     if (wr == 0.f) {
         if (threadIdx.x == 0) a.loss[row] = 0.f;
@@ -230,8 +256,8 @@ extern "C" __global__ void __launch_bounds__(KD_KL_RESIDENT_THREADS, 1) softmax_
     // is at class `lane`, so a slot is a constant offset from it.
     const int slots = (a.c - lane + KD_KL_RESIDENT_THREADS - 1) / KD_KL_RESIDENT_THREADS;
     const size_t first = (size_t)row * a.c + lane;
-    const float* zs_at = a.zs + first;
-    const float* zt_at = a.zt + first;
+    const In* zs_at = a.zs + first;
+    const In* zt_at = a.zt + first;
     const float* zs_sh = rows_sh + lane;
     const float* zt_sh = rows_sh + KD_KL_SHARED_SLOTS * KD_KL_RESIDENT_THREADS + lane;
     const unsigned zs_sh_addr = (unsigned)__cvta_generic_to_shared(zs_sh);
@@ -245,12 +271,12 @@ extern "C" __global__ void __launch_bounds__(KD_KL_RESIDENT_THREADS, 1) softmax_
     // one), so the loads need no branches; the scan and the gradients skip it. The register
     // loads go first: the wait for the copies to shared memory would hold back any after it.
 #pragma unroll
-    for (int k = KD_KL_SHARED_SLOTS; k < KD_KL_RESIDENT_SLOTS; ++k) s[k] = __ldcs(zs_at + KD_KL_AT(min(k, slots - 1)));
+    for (int k = KD_KL_SHARED_SLOTS; k < KD_KL_RESIDENT_SLOTS; ++k) s[k] = kd_ldcs_f32(zs_at + KD_KL_AT(min(k, slots - 1)));
 #pragma unroll
     for (int k = 0; k < KD_KL_RESIDENT_SLOTS; ++k) {
         const int at = KD_KL_AT(min(k, slots - 1));
-        kd_cp_async_f32(zt_sh_addr + 4 * KD_KL_AT(k), zt_at + at);
-        if (k < KD_KL_SHARED_SLOTS) kd_cp_async_f32(zs_sh_addr + 4 * KD_KL_AT(k), zs_at + at);
+        kl_stage(zt_sh_addr + 4 * KD_KL_AT(k), zt_at + at);
+        if (k < KD_KL_SHARED_SLOTS) kl_stage(zs_sh_addr + 4 * KD_KL_AT(k), zs_at + at);
     }
     kd_cp_async_wait_all();
     float* ds_at = a.ds ? a.ds + first : nullptr;
@@ -293,4 +319,11 @@ extern "C" __global__ void __launch_bounds__(KD_KL_RESIDENT_THREADS, 1) softmax_
     }
 #undef KD_KL_STUDENT
 #undef KD_KL_AT
+}
+
+extern "C" __global__ void __launch_bounds__(KD_KL_RESIDENT_THREADS, 1) softmax_kl_f32_resident(KL_PARAMS(float)) {
+    kl_resident(KL_ARGS(float), rows);
+}
+extern "C" __global__ void __launch_bounds__(KD_KL_RESIDENT_THREADS, 1) softmax_kl_bf16_resident(KL_PARAMS(kd_bf16)) {
+    kl_resident(KL_ARGS(kd_bf16), rows);
 }

@@ -11,7 +11,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::device::CudaDevice;
 use crate::tensor::cuda_err;
-use crate::{Error, IdStorage, IdTensor, Result, Storage, Tensor};
+use crate::{Bf16Storage, Bf16Tensor, Error, IdStorage, IdTensor, Result, Storage, Tensor};
 
 /// One `kernels/<name>.cu`, compiled to `kernels/ptx/<name>.ptx`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -19,6 +19,7 @@ pub(crate) enum Module {
     AdamW,
     Attention,
     Bias,
+    Convert,
     CrossEntropy,
     Dropout,
     Embedding,
@@ -36,6 +37,7 @@ impl Module {
             Module::AdamW => include_str!("../../../kernels/ptx/adamw.ptx"),
             Module::Attention => include_str!("../../../kernels/ptx/attention.ptx"),
             Module::Bias => include_str!("../../../kernels/ptx/bias.ptx"),
+            Module::Convert => include_str!("../../../kernels/ptx/convert.ptx"),
             Module::CrossEntropy => include_str!("../../../kernels/ptx/cross_entropy.ptx"),
             Module::Dropout => include_str!("../../../kernels/ptx/dropout.ptx"),
             Module::Embedding => include_str!("../../../kernels/ptx/embedding.ptx"),
@@ -141,6 +143,14 @@ pub(crate) fn id_slice(t: &IdTensor) -> Result<&CudaSlice<u32>> {
     match t.storage() {
         IdStorage::Cuda { data, .. } => Ok(data),
         IdStorage::Cpu(_) => Err(Error::invalid("cuda", "CPU ids reached a CUDA launch")),
+    }
+}
+
+/// The raw bf16 bits of a tensor on a GPU (the kernels' `kd_bf16`).
+pub(crate) fn bf16_slice(t: &Bf16Tensor) -> Result<&CudaSlice<u16>> {
+    match t.storage() {
+        Bf16Storage::Cuda { data, .. } => Ok(data),
+        Bf16Storage::Cpu(_) => Err(Error::invalid("cuda", "a CPU bf16 tensor reached a CUDA launch")),
     }
 }
 

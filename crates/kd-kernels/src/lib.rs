@@ -27,4 +27,4 @@ pub mod testing;
 
 pub use device::{CudaDevice, Device};
 pub use error::{Error, Result};
-pub use tensor::{common_device, expect_shape, IdStorage, IdTensor, Storage, Tensor};
+pub use tensor::{common_device, expect_shape, Bf16Storage, Bf16Tensor, IdStorage, IdTensor, Storage, Tensor};

@@ -1,7 +1,10 @@
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use half::bf16;
+use rayon::prelude::*;
 
+use crate::cuda::{self, Module};
 use crate::device::CudaDevice;
 use crate::{Device, Error, Result};
 
@@ -252,4 +255,94 @@ impl Tensor {
         self.shape = shape.to_vec();
         Ok(())
     }
+}
+
+/// bf16 values on one device: inputs kept at half the bytes of f32, such as the logits that
+/// `ops::softmax_kl` takes in either type. Ops widen each value to f32 as they read it and
+/// compute in f32; nothing is computed in bf16.
+pub struct Bf16Tensor {
+    shape: Vec<usize>,
+    storage: Bf16Storage,
+}
+
+pub enum Bf16Storage {
+    Cpu(Vec<bf16>),
+    /// The raw bits: cudarc's device traits cover `half::bf16` only with its `f16` feature.
+    Cuda {
+        data: CudaSlice<u16>,
+        device: Arc<CudaDevice>,
+    },
+}
+
+impl Bf16Tensor {
+    /// `t` rounded to the nearest bf16, ties to even, on `t`'s device (the same bits on both).
+    /// Values past bf16's range round to infinities, f32::MIN to -inf as in PyTorch; NaN stays
+    /// NaN.
+    pub fn from_f32(t: &Tensor) -> Result<Bf16Tensor> {
+        let storage = match t.storage() {
+            Storage::Cpu(v) => Bf16Storage::Cpu(v.par_iter().map(|&x| bf16::from_f32(x)).collect()),
+            Storage::Cuda { data, device } => {
+                // SAFETY: f32_to_bf16 writes every value before anything reads it.
+                let mut out = unsafe { device.stream.alloc::<u16>(data.len()) }.map_err(cuda_err)?;
+                convert_cuda(device, "f32_to_bf16", &mut out, data)?;
+                Bf16Storage::Cuda { data: out, device: device.clone() }
+            }
+        };
+        Ok(Bf16Tensor { shape: t.shape().to_vec(), storage })
+    }
+
+    /// The values as an f32 tensor on the same device (exact: every bf16 is an f32).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        match &self.storage {
+            Bf16Storage::Cpu(v) => {
+                Tensor::from_vec(v.par_iter().map(|x| x.to_f32()).collect(), &self.shape, &Device::Cpu)
+            }
+            Bf16Storage::Cuda { data, device } => {
+                let mut out = Tensor::zeros(&self.shape, &Device::Cuda(device.clone()))?;
+                convert_cuda(device, "bf16_to_f32", cuda::slice_mut(&mut out)?, data)?;
+                Ok(out)
+            }
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Bf16Storage::Cpu(_) => Device::Cpu,
+            Bf16Storage::Cuda { device, .. } => Device::Cuda(device.clone()),
+        }
+    }
+
+    pub fn storage(&self) -> &Bf16Storage {
+        &self.storage
+    }
+
+    pub fn cpu(&self) -> Result<&[bf16]> {
+        match &self.storage {
+            Bf16Storage::Cpu(v) => Ok(v),
+            Bf16Storage::Cuda { .. } => Err(Error::invalid("Bf16Tensor::cpu", "tensor lives on a CUDA device")),
+        }
+    }
+}
+
+/// Runs `kernels/convert.cu`'s kernel `name` over the elements of `x`, writing as many into `out`.
+fn convert_cuda<I: DeviceRepr, O: DeviceRepr>(
+    dev: &CudaDevice,
+    name: &'static str,
+    out: &mut CudaSlice<O>,
+    x: &CudaSlice<I>,
+) -> Result<()> {
+    let n = cuda::int(name, "the element count", x.len())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(Module::Convert, name)?;
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(out).arg(x).arg(&n);
+    // SAFETY: `out` and `x` both hold n values, and the kernel's thread i touches element i only.
+    unsafe { b.launch(cuda::elementwise_launch(x.len())) }.map_err(cuda_err)?;
+    Ok(())
 }

@@ -639,6 +639,73 @@ fn gumbel_softmax_st_matches_cpu() {
     }
 }
 
+// ---- bf16 softmax-KL ----
+
+use half::bf16;
+use kd_kernels::Bf16Tensor;
+
+/// bf16 rounding on the GPU (kernels/convert.cu) gives half::bf16::from_f32's bits (ties to
+/// even, overflow to infinity, NaN kept), and widening back is exact on both devices.
+#[test]
+fn bf16_conversion_matches_cpu_bitwise() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(40);
+    let mut x = randn(&mut rng, 70_001, 3.0);
+    let tie = 1.0 + 2f32.powi(-8);
+    let specials = [tie, -tie, 1.0 + 3.0 * 2f32.powi(-8), f32::MIN, f32::MAX, f32::INFINITY, f32::NAN, -0.0, 1e-40];
+    x[..specials.len()].copy_from_slice(&specials);
+    x.push(bf16::MIN.to_f32());
+    let run = |dev: &Device| {
+        let b = Bf16Tensor::from_f32(&t(&x, &[x.len()], dev)).unwrap();
+        host(&b.to_f32().unwrap())
+    };
+    assert_same_bits("Bf16Tensor::from_f32 then to_f32", &run(&gpu), &run(&Device::Cpu));
+}
+
+/// The bf16 kernels (softmax_kl_bf16_*) against the CPU on the same bf16 logits: both widen the
+/// same values exactly, so the only differences are the order of the f32 sums, and the
+/// tolerances are the f32 test's: 1e-5 for rows up to 1,024 classes, 1e-4 for the
+/// vocabulary-wide ones (the CPU's sequential sums there, not bf16, set that).
+#[test]
+fn softmax_kl_bf16_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(41);
+    // The warp kernel at 2 lanes a row and at 32 (1,000 classes), the block kernel, the resident
+    // kernel at the BERT vocabulary; with dteacher on even cases.
+    for (case, &(rows, c)) in [(37, 2), (8, 1000), (3, 4000), (4, 30_522)].iter().enumerate() {
+        let (mut zs, mut zt) = (randn(&mut rng, rows * c, 3.0), randn(&mut rng, rows * c, 3.0));
+        // Masked entries (f32::MIN, which bf16 rounds to -inf; never class 0, as a row of -inf
+        // throughout has no distribution), and a last row of bf16::MIN throughout, which stays
+        // finite and is uniform.
+        for i in 0..rows * c {
+            if i >= (rows - 1) * c {
+                (zs[i], zt[i]) = (bf16::MIN.to_f32(), bf16::MIN.to_f32());
+            } else if i % c != 0 && rng.uniform() < 0.2 {
+                (zs[i], zt[i]) = (f32::MIN, f32::MIN);
+            }
+        }
+        let w: Vec<f32> = (0..rows).map(|r| if r == 1 { 0.0 } else { rng.uniform() as f32 + 0.5 }).collect();
+        let init = randn(&mut rng, rows * c, 1.0);
+        let rtol = if c > 1024 { WIDE_ROW_RTOL } else { RTOL };
+        let full = case % 2 == 0;
+        for form in [KlForm::Kl, KlForm::CrossEntropy] {
+            for temperature in [2.0, 0.5] {
+                let spec = SoftmaxKl { temperature, form, grad_scale: 0.7 };
+                parity(&gpu, &format!("softmax_kl bf16 [{rows}, {c}] {form:?} T={temperature}"), rtol, |dev| {
+                    let shape = [rows, c];
+                    let mut loss = Tensor::zeros(&[rows], dev).unwrap();
+                    let (mut ds, mut dt) = (t(&init, &shape, dev), t(&init, &shape, dev));
+                    let w = t(&w, &[rows], dev);
+                    let s = Bf16Tensor::from_f32(&t(&zs, &shape, dev)).unwrap();
+                    let te = Bf16Tensor::from_f32(&t(&zt, &shape, dev)).unwrap();
+                    softmax_kl(&mut loss, Some(&mut ds), full.then_some(&mut dt), &s, &te, Some(&w), spec).unwrap();
+                    vec![("loss", host(&loss)), ("dstudent", host(&ds)), ("dteacher", host(&dt))]
+                });
+            }
+        }
+    }
+}
+
 /// The flash path (attention_forward_stats without maps, attention_backward_stats) against the
 /// CPU, which materialises the maps. 2e-5, not 1e-5: tests/flash_attention_algorithm.rs runs the
 /// kernels' loops on the CPU within 1e-5 of the reference, but with Rust's `exp`; the GPU adds

@@ -2,9 +2,10 @@
 mod common;
 
 use common::*;
-use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, SoftmaxKl};
+use half::bf16;
+use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, KlLogits, SoftmaxKl};
 use kd_kernels::rng::Rng;
-use kd_kernels::{Error, Tensor};
+use kd_kernels::{Bf16Tensor, Error, Tensor};
 use proptest::prelude::*;
 
 /// `log softmax(z / T)` in float64, through log-sum-exp.
@@ -49,12 +50,30 @@ struct Out {
 
 /// Runs the op with gradients that start at `init` and returns the increments.
 fn run(zs: &[f32], zt: &[f32], shape: &[usize], w: Option<&[f32]>, spec: SoftmaxKl, init: &[f32]) -> Out {
+    run_as(zs, zt, shape, w, spec, init, |t| t)
+}
+
+/// `run` on the logits in bf16, rounded from `zs` and `zt`.
+fn run_bf16(zs: &[f32], zt: &[f32], shape: &[usize], w: Option<&[f32]>, spec: SoftmaxKl, init: &[f32]) -> Out {
+    run_as(zs, zt, shape, w, spec, init, |t| Bf16Tensor::from_f32(&t).unwrap())
+}
+
+/// `run` with the logits turned into the type `logits` makes of them.
+fn run_as<L: KlLogits>(
+    zs: &[f32],
+    zt: &[f32],
+    shape: &[usize],
+    w: Option<&[f32]>,
+    spec: SoftmaxKl,
+    init: &[f32],
+    logits: impl Fn(Tensor) -> L,
+) -> Out {
     let rows = zs.len() / shape.last().unwrap();
     let mut loss = tensor(&vec![f32::NAN; rows], &[rows]);
     let (mut ds, mut dt) = (tensor(init, shape), tensor(init, shape));
     let w = w.map(|w| tensor(w, &[rows]));
-    softmax_kl(&mut loss, Some(&mut ds), Some(&mut dt), &tensor(zs, shape), &tensor(zt, shape), w.as_ref(), spec)
-        .unwrap();
+    let (s, t) = (logits(tensor(zs, shape)), logits(tensor(zt, shape)));
+    softmax_kl(&mut loss, Some(&mut ds), Some(&mut dt), &s, &t, w.as_ref(), spec).unwrap();
     let minus_init = |g: Tensor| g.to_vec().unwrap().iter().zip(init).map(|(g, i)| g - i).collect();
     Out { loss: loss.to_vec().unwrap(), ds: minus_init(ds), dt: minus_init(dt) }
 }
@@ -270,4 +289,97 @@ fn bad_arguments_are_errors() {
     let mut loss = zeros(&[3]);
     let bad_scale = SoftmaxKl { grad_scale: f32::NAN, ..ok };
     assert!(softmax_kl(&mut loss, None, None, &z, &z, None, bad_scale).is_err());
+}
+
+/// The values bf16 holds of `x`, as f32.
+fn bf16_rounded(x: &[f32]) -> Vec<f32> {
+    Bf16Tensor::from_f32(&tensor(x, &[x.len()])).unwrap().to_f32().unwrap().to_vec().unwrap()
+}
+
+#[test]
+fn bf16_tensor_rounds_to_nearest_even_and_widens_exactly() {
+    // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even 1; 1 + 3 * 2^-8 is halfway
+    // between 1 + 2^-7 and 1 + 2^-6 and goes up to the even one; just past a tie rounds up.
+    let x = [1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), 1.0 + 2f32.powi(-8) + 2f32.powi(-20), -2.5, 0.0];
+    let want = [1.0, 1.0 + 2f32.powi(-6), 1.0 + 2f32.powi(-7), -2.5, 0.0];
+    assert_eq!(bf16_rounded(&x), want);
+    let specials = bf16_rounded(&[f32::MIN, f32::MAX, f32::INFINITY, f32::NAN, bf16::MIN.to_f32(), -0.0]);
+    assert_eq!(specials[..3], [f32::NEG_INFINITY, f32::INFINITY, f32::INFINITY]);
+    assert!(specials[3].is_nan());
+    assert_eq!(specials[4], bf16::MIN.to_f32());
+    assert!(specials[5] == 0.0 && specials[5].is_sign_negative());
+    let b = Bf16Tensor::from_f32(&tensor(&[0.5, 1.5, -3.0, 7.0, 0.25, 9.0], &[2, 3])).unwrap();
+    assert_eq!(b.shape(), &[2, 3]);
+    assert!(b.device().is_cpu());
+    assert_eq!(b.cpu().unwrap()[2], bf16::from_f32(-3.0));
+    assert_eq!(b.to_f32().unwrap().to_vec().unwrap(), [0.5, 1.5, -3.0, 7.0, 0.25, 9.0]);
+}
+
+/// Random rows with masked entries (f32::MIN, which bf16 rounds to -inf) and row weights.
+fn bf16_case(rng: &mut Rng, r: usize, c: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (zs, zt) = rows(rng, r, c, 2.0, |r, c| r % 2 == 1 && c % 3 == 1, f32::MIN);
+    let w: Vec<f32> = (0..r).map(|i| if i == 2 { 0.0 } else { 0.5 + i as f32 }).collect();
+    (zs, zt, w, randn(rng, r * c, 1.0))
+}
+
+/// The bf16 path is the f32 path on the rounded values: the same scan, each value widened
+/// exactly, so every output is equal bit for bit.
+#[test]
+fn bf16_logits_match_f32_on_the_rounded_values() {
+    let mut rng = Rng::new(40);
+    for &(r, c) in &[(5, 1), (4, 2), (6, 7), (3, 30_522)] {
+        let (zs, zt, w, init) = bf16_case(&mut rng, r, c);
+        for form in [KlForm::Kl, KlForm::CrossEntropy] {
+            for t in [0.5, 2.0] {
+                let spec = SoftmaxKl { temperature: t, form, grad_scale: 0.7 };
+                let got = run_bf16(&zs, &zt, &[r, c], Some(&w), spec, &init);
+                let want = run(&bf16_rounded(&zs), &bf16_rounded(&zt), &[r, c], Some(&w), spec, &init);
+                let what = format!("r={r} c={c} {form:?} T={t}");
+                assert_eq!(got.loss, want.loss, "loss {what}");
+                assert_eq!(got.ds, want.ds, "dstudent {what}");
+                assert_eq!(got.dt, want.dt, "dteacher {what}");
+            }
+        }
+    }
+}
+
+/// Against f32 logits the only difference is bf16's rounding of the logits (8 significant
+/// bits): `|bf16 - f32| <= 1e-2 (|f32| + max |f32|)` for the loss at any of these temperatures
+/// (measured: up to 2.1e-3) and for both gradients at T >= 2 (up to 8.1e-3). At T = 1 the
+/// gradients get 2e-2 (measured: up to 1.4e-2 on the 30,522-wide rows): a logit near 9 (the
+/// largest of 30,522 draws at scale 2) is rounded by up to 9 * 2^-9, which moves its
+/// probability, the gradient's largest entry, by up to 1.8% / T.
+#[test]
+fn bf16_logits_are_within_1e_2_of_f32() {
+    let mut rng = Rng::new(41);
+    for &(r, c) in &[(5, 1), (4, 2), (6, 7), (3, 30_522)] {
+        let (zs, zt, w, init) = bf16_case(&mut rng, r, c);
+        for form in [KlForm::Kl, KlForm::CrossEntropy] {
+            for t in [1.0, 2.0, 4.0] {
+                let spec = SoftmaxKl { temperature: t, form, grad_scale: 0.7 };
+                let got = run_bf16(&zs, &zt, &[r, c], Some(&w), spec, &init);
+                let want = run(&zs, &zt, &[r, c], Some(&w), spec, &init);
+                for (name, g, f) in
+                    [("loss", &got.loss, &want.loss), ("dstudent", &got.ds, &want.ds), ("dteacher", &got.dt, &want.dt)]
+                {
+                    let scale = f.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                    let tol = if name == "loss" || t >= 2.0 { 1e-2 } else { 2e-2 };
+                    for (i, (g, f)) in g.iter().zip(f.iter()).enumerate() {
+                        let what = format!("{name}[{i}] r={r} c={c} {form:?} T={t}");
+                        assert!((g - f).abs() <= tol * (f.abs() + scale), "{what}: bf16 {g}, f32 {f}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_teacher_of_another_shape_is_an_error() {
+    let (a, b) = (zeros(&[2, 3]), zeros(&[3, 2]));
+    let (a, b) = (Bf16Tensor::from_f32(&a).unwrap(), Bf16Tensor::from_f32(&b).unwrap());
+    let mut loss = zeros(&[2]);
+    let err = softmax_kl(&mut loss, None, None, &a, &b, None, spec(1.0, KlForm::Kl)).unwrap_err();
+    assert!(matches!(err, Error::Shape { op: "softmax_kl", .. }), "{err}");
+    assert!(softmax_kl(&mut loss, None, None, &a, &a, None, spec(1.0, KlForm::Kl)).is_ok());
 }

@@ -8,15 +8,22 @@
 //! Entries that are `f32::MIN` (or `-inf`) in both rows, such as masked attention keys, have zero
 //! teacher probability and so contribute 0 to the loss and 0 to both gradients, at any
 //! temperature (`f32::MIN / T` overflows to `-inf` when T < 1, which the scan tolerates).
+//!
+//! The logits may be f32 [`Tensor`]s or [`Bf16Tensor`]s (see [`KlLogits`]): one scan, generic
+//! over the element type, widens each value to f32 as it reads it, so the sums, the loss and the
+//! gradients are f32 either way. `Bf16Tensor::from_f32` rounds `f32::MIN` to `-inf`, which
+//! masks an entry just as well, but a row that is `-inf` throughout has no distribution (NaN):
+//! fill a whole bf16 row with `bf16::MIN` instead, which stays finite and gives the uniform row.
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaFunction, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg};
+use half::bf16;
 use rayon::prelude::*;
 
 use super::opt_rows_mut;
 use crate::cuda::{self, Module, OptionalArg};
 use crate::device::CudaDevice;
 use crate::tensor::cuda_err;
-use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
+use crate::{common_device, expect_shape, Bf16Tensor, Device, Error, Result, Tensor};
 
 /// Which divergence a row's loss is.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,38 +44,113 @@ pub struct SoftmaxKl {
     pub grad_scale: f32,
 }
 
+/// The logits [`softmax_kl`] reads: f32 [`Tensor`]s, or [`Bf16Tensor`]s at half the bytes, the
+/// student and the teacher of one type.
+pub trait KlLogits: sealed::Logits {}
+
+impl KlLogits for Tensor {}
+impl KlLogits for Bf16Tensor {}
+
+mod sealed {
+    use super::*;
+
+    /// The kernels of `kernels/softmax_kl.cu` for one logits type.
+    pub struct Kernels {
+        pub warp: &'static str,
+        pub block: &'static str,
+        pub resident: &'static str,
+    }
+
+    /// What softmax_kl reads of a logits tensor; sealed, so that every type has its kernels.
+    pub trait Logits: Sync {
+        type Elem: Copy + Send + Sync + Into<f32>;
+        /// The element as the kernels take it.
+        type Raw: DeviceRepr;
+        const KERNELS: Kernels;
+        fn shape(&self) -> &[usize];
+        fn device(&self) -> Device;
+        fn host(&self) -> Result<&[Self::Elem]>;
+        fn device_slice(&self) -> Result<&CudaSlice<Self::Raw>>;
+    }
+
+    impl Logits for Tensor {
+        type Elem = f32;
+        type Raw = f32;
+        const KERNELS: Kernels =
+            Kernels { warp: "softmax_kl_f32_warp", block: "softmax_kl_f32_block", resident: "softmax_kl_f32_resident" };
+        fn shape(&self) -> &[usize] {
+            Tensor::shape(self)
+        }
+        fn device(&self) -> Device {
+            Tensor::device(self)
+        }
+        fn host(&self) -> Result<&[f32]> {
+            self.cpu()
+        }
+        fn device_slice(&self) -> Result<&CudaSlice<f32>> {
+            cuda::slice(self)
+        }
+    }
+
+    impl Logits for Bf16Tensor {
+        type Elem = bf16;
+        type Raw = u16;
+        const KERNELS: Kernels = Kernels {
+            warp: "softmax_kl_bf16_warp",
+            block: "softmax_kl_bf16_block",
+            resident: "softmax_kl_bf16_resident",
+        };
+        fn shape(&self) -> &[usize] {
+            Bf16Tensor::shape(self)
+        }
+        fn device(&self) -> Device {
+            Bf16Tensor::device(self)
+        }
+        fn host(&self) -> Result<&[bf16]> {
+            self.cpu()
+        }
+        fn device_slice(&self) -> Result<&CudaSlice<u16>> {
+            cuda::bf16_slice(self)
+        }
+    }
+}
+
 /// Per-row loss `w_r * T^2 * D(p_t || p_s)` with `p = softmax(z / T)` over the last axis, `D`
 /// given by `spec.form`. `loss_rows` `[R]` is overwritten, R being the number of rows of
 /// `student` (any shape `[..., C]`); `dstudent` += `grad_scale * w_r * T * (p_s - p_t)`;
 /// `dteacher` += `grad_scale * w_r * T * p_t * (d_c - D)` with `d_c = log p_t,c - log p_s,c`
 /// (form Kl) or `d_c = -log p_s,c` (form CrossEntropy). Rows of weight 0 give 0 and no gradient.
-pub fn softmax_kl(
+/// The logits are f32 or bf16 ([`KlLogits`]); everything else is f32.
+pub fn softmax_kl<L: KlLogits>(
     loss_rows: &mut Tensor,
     dstudent: Option<&mut Tensor>,
     dteacher: Option<&mut Tensor>,
-    student: &Tensor,
-    teacher: &Tensor,
+    student: &L,
+    teacher: &L,
     row_weights: Option<&Tensor>,
     spec: SoftmaxKl,
 ) -> Result<()> {
     const OP: &str = "softmax_kl";
-    let c = student.last_dim();
-    if student.shape().is_empty() || c == 0 {
-        return Err(Error::shape(OP, format!("student is {:?}, expected [..., C] with C >= 1", student.shape())));
-    }
+    let shape = student.shape();
+    let c = match shape.last() {
+        Some(&c) if c > 0 => c,
+        _ => return Err(Error::shape(OP, format!("student is {shape:?}, expected [..., C] with C >= 1"))),
+    };
     if !(spec.temperature.is_finite() && spec.temperature > 0.0) {
         return Err(Error::invalid(OP, format!("temperature {} is not a positive number", spec.temperature)));
     }
     if !spec.grad_scale.is_finite() {
         return Err(Error::invalid(OP, format!("grad_scale {} is not finite", spec.grad_scale)));
     }
-    let rows = student.rows();
-    expect_shape(OP, "teacher", teacher, student.shape())?;
+    let rows = shape.iter().product::<usize>() / c;
+    if teacher.shape() != shape {
+        return Err(Error::shape(OP, format!("teacher is {:?}, expected {shape:?}", teacher.shape())));
+    }
     expect_shape(OP, "loss_rows", loss_rows, &[rows])?;
-    let mut tensors = vec![&*loss_rows, student, teacher];
+    let mut tensors = vec![&*loss_rows];
     for (what, g) in [("dstudent", &dstudent), ("dteacher", &dteacher)] {
         if let Some(g) = g {
-            expect_shape(OP, what, g, student.shape())?;
+            expect_shape(OP, what, g, shape)?;
             tensors.push(g);
         }
     }
@@ -76,12 +158,18 @@ pub fn softmax_kl(
         expect_shape(OP, "row_weights", w, &[rows])?;
         tensors.push(w);
     }
-    match common_device(OP, &tensors)? {
+    let device = common_device(OP, &tensors)?;
+    for logits in [student.device(), teacher.device()] {
+        if !device.same(&logits) {
+            return Err(Error::DeviceMismatch { op: OP, a: device.to_string(), b: logits.to_string() });
+        }
+    }
+    match device {
         Device::Cpu => {
             let ds = dstudent.map(Tensor::cpu_mut).transpose()?;
             let dt = dteacher.map(Tensor::cpu_mut).transpose()?;
             let w = row_weights.map(Tensor::cpu).transpose()?;
-            softmax_kl_cpu(loss_rows.cpu_mut()?, ds, dt, student.cpu()?, teacher.cpu()?, w, c, spec);
+            softmax_kl_cpu(loss_rows.cpu_mut()?, ds, dt, student.host()?, teacher.host()?, w, c, spec);
             Ok(())
         }
         Device::Cuda(dev) => {
@@ -91,12 +179,12 @@ pub fn softmax_kl(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn softmax_kl_cpu(
+fn softmax_kl_cpu<E: Copy + Sync + Into<f32>>(
     loss: &mut [f32],
     ds: Option<&mut [f32]>,
     dt: Option<&mut [f32]>,
-    zs: &[f32],
-    zt: &[f32],
+    zs: &[E],
+    zt: &[E],
     w: Option<&[f32]>,
     c: usize,
     spec: SoftmaxKl,
@@ -121,7 +209,7 @@ fn softmax_kl_cpu(
     );
 }
 
-/// `softmax_kl_f32_resident`'s shape (`KD_KL_RESIDENT_*` and `KD_KL_SHARED_SLOTS` in
+/// `softmax_kl_*_resident`'s shape (`KD_KL_RESIDENT_*` and `KD_KL_SHARED_SLOTS` in
 /// `kernels/softmax_kl.cu`): 1,024 threads of 30 slots each hold a row of up to 30,720 classes,
 /// 16 of the student's slots and all 30 of the teacher's in shared memory.
 const RESIDENT_THREADS: u32 = 1024;
@@ -137,13 +225,13 @@ const RESIDENT_MIN_C: usize = 8192;
 /// classes on chip) whose partial statistics merge exactly; one launch for the loss and both
 /// gradients.
 #[allow(clippy::too_many_arguments)]
-fn softmax_kl_cuda(
+fn softmax_kl_cuda<L: KlLogits>(
     dev: &CudaDevice,
     loss: &mut Tensor,
     ds: Option<&mut Tensor>,
     dt: Option<&mut Tensor>,
-    zs: &Tensor,
-    zt: &Tensor,
+    zs: &L,
+    zt: &L,
     w: Option<&Tensor>,
     c: usize,
     spec: SoftmaxKl,
@@ -162,7 +250,7 @@ fn softmax_kl_cuda(
     let (mut cfg, group) = cuda::row_launch(rows, c);
     let resident = match group {
         None if (RESIDENT_MIN_C + 1..=RESIDENT_MAX_C).contains(&c) => {
-            let f = dev.function(Module::SoftmaxKl, "softmax_kl_f32_resident")?;
+            let f = dev.function(Module::SoftmaxKl, L::KERNELS.resident)?;
             allow_resident(dev, &f)?.then_some(f)
         }
         _ => None,
@@ -173,21 +261,21 @@ fn softmax_kl_cuda(
             cfg.shared_mem_bytes = RESIDENT_SHARED_BYTES as u32;
             f
         }
-        (None, Some(_)) => dev.function(Module::SoftmaxKl, "softmax_kl_f32_warp")?,
-        (None, None) => dev.function(Module::SoftmaxKl, "softmax_kl_f32_block")?,
+        (None, Some(_)) => dev.function(Module::SoftmaxKl, L::KERNELS.warp)?,
+        (None, None) => dev.function(Module::SoftmaxKl, L::KERNELS.block)?,
     };
     let (ds, dt) = (ds.map(cuda::slice_mut).transpose()?, dt.map(cuda::slice_mut).transpose()?);
     let w = w.map(cuda::slice).transpose()?;
     let mut b = dev.stream.launch_builder(&f);
-    b.arg(cuda::slice_mut(loss)?).opt_mut(ds).opt_mut(dt).arg(cuda::slice(zs)?).arg(cuda::slice(zt)?).opt(w);
+    b.arg(cuda::slice_mut(loss)?).opt_mut(ds).opt_mut(dt).arg(zs.device_slice()?).arg(zt.device_slice()?).opt(w);
     b.arg(&rows_i).arg(&c_i).arg(&spec.temperature).arg(&inv_t).arg(&form).arg(&spec.grad_scale);
     if let Some(group) = &group {
         b.arg(group);
     }
     // SAFETY: the arguments follow the kernel's parameter list (KL_PARAMS, then `group` for the
-    // warp kernel); softmax_kl checked that every buffer holds rows * C (or rows) floats; the
-    // resident kernel gets its 1,024 threads and its shared memory, and C > 1,024 gives each
-    // of its threads a class.
+    // warp kernel), L::KERNELS being the kernels that read L's element type; softmax_kl checked
+    // that every buffer holds rows * C (or rows) values; the resident kernel gets its 1,024
+    // threads and its shared memory, and C > 1,024 gives each of its threads a class.
     unsafe { b.launch(cfg) }.map_err(cuda_err)?;
     Ok(())
 }
@@ -223,11 +311,12 @@ struct RowScan {
 }
 
 impl RowScan {
-    fn new(zs: &[f32], zt: &[f32], inv_t: f32) -> RowScan {
+    fn new<E: Copy + Into<f32>>(zs: &[E], zt: &[E], inv_t: f32) -> RowScan {
         // Starting the maxima at f32::MIN (not -inf) keeps every difference finite; a row of
         // only f32::MIN logits is then uniform, as HF's masked softmax is.
         let mut r = RowScan { inv_t, max_t: f32::MIN, sum_t: 0.0, ent_t: 0.0, cross: 0.0, max_s: f32::MIN, sum_s: 0.0 };
         for (&s, &t) in zs.iter().zip(zt) {
+            let (s, t): (f32, f32) = (s.into(), t.into());
             if t > r.max_t {
                 let shift = (r.max_t - t) * inv_t;
                 let rescale = shift.exp();
@@ -271,12 +360,12 @@ impl RowScan {
 
     /// Adds `scale * (p_s - p_t)` to `ds` and `scale * p_t * (d_c - div)` to `dt`.
     #[allow(clippy::too_many_arguments)]
-    fn gradients(
+    fn gradients<E: Copy + Into<f32>>(
         &self,
         mut ds: Option<&mut [f32]>,
         mut dt: Option<&mut [f32]>,
-        zs: &[f32],
-        zt: &[f32],
+        zs: &[E],
+        zt: &[E],
         form: KlForm,
         div: f32,
         scale: f32,
@@ -284,6 +373,7 @@ impl RowScan {
         let (inv_t, inv_sum_t, inv_sum_s) = (self.inv_t, 1.0 / self.sum_t, 1.0 / self.sum_s);
         let (gap, log_sum_s) = (self.log_norm_gap(), self.sum_s.ln());
         for (c, (&s, &t)) in zs.iter().zip(zt).enumerate() {
+            let (s, t): (f32, f32) = (s.into(), t.into());
             let pt = ((t - self.max_t) * inv_t).exp() * inv_sum_t;
             let rel_s = (s - self.max_s) * inv_t;
             if let Some(ds) = ds.as_deref_mut() {
