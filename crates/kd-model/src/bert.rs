@@ -75,9 +75,15 @@ pub struct LayerActivations {
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
+    /// The attention maps, written only by a forward that keeps them (`keep_scores`, or where
+    /// the flash kernels cannot run: the CPU, head dims other than 32 and 64).
     pub probs: Tensor,
     pub scores: Option<Tensor>,
     pub context: Tensor,
+    /// `[B, H, L, 2]`: the attention softmax statistics, what the backward reads without maps.
+    stats: Tensor,
+    /// Whether the last forward kept `probs`.
+    maps: bool,
     attn_residual: Tensor,
     ln1_mean: Tensor,
     ln1_rstd: Tensor,
@@ -227,6 +233,8 @@ impl Activations {
                 probs: zeros(&[batch, h, seq, seq], device)?,
                 scores: None,
                 context: zeros(&[batch, seq, d], device)?,
+                stats: zeros(&[batch, h, seq, 2], device)?,
+                maps: true,
                 attn_residual: zeros(&[n, d], device)?,
                 ln1_mean: zeros(&[n], device)?,
                 ln1_rstd: zeros(&[n], device)?,
@@ -415,6 +423,8 @@ impl Bert {
         let cfg = &self.config;
         let eps = cfg.layer_norm_eps as f32;
         let p_hidden = if mode.train { cfg.hidden_dropout_prob as f32 } else { 0.0 };
+        // The flash kernels keep no maps: they run unless a loss reads the maps.
+        let flash = attention::flash_path(&self.device(), cfg.hidden_size / cfg.num_attention_heads);
         for (l, lw) in w.layers.iter().enumerate() {
             let (before, after) = acts.hidden.split_at_mut(l + 1);
             let (x, out) = (&before[l], &mut after[0]);
@@ -427,9 +437,11 @@ impl Bert {
                 a.scores = Some(zeros(a.probs.shape(), &x.device())?);
             }
             let scores = a.scores.as_mut().filter(|_| mode.keep_scores);
-            attention::attention_forward(
+            a.maps = mode.keep_scores || !flash;
+            attention::attention_forward_stats(
                 &mut a.context,
-                &mut a.probs,
+                &mut a.stats,
+                a.maps.then_some(&mut a.probs),
                 scores,
                 &a.q,
                 &a.k,
@@ -576,19 +588,17 @@ impl Bert {
             for t in [&mut s.dq, &mut s.dk, &mut s.dv] {
                 t.fill(0.0)?;
             }
-            let d_scores = out_grads.scores[l].as_ref();
-            attention::attention_backward(
-                &mut s.dq,
-                &mut s.dk,
-                &mut s.dv,
-                &s.d_context,
-                &a.q,
-                &a.k,
-                &a.v,
-                &a.probs,
-                d_scores,
-                attention_dropout(cfg, mode, l),
-            )?;
+            let (d_scores, dropout) = (out_grads.scores[l].as_ref(), attention_dropout(cfg, mode, l));
+            if a.maps {
+                let (dq, dk, dv, d_context) = (&mut s.dq, &mut s.dk, &mut s.dv, &s.d_context);
+                attention::attention_backward(dq, dk, dv, d_context, &a.q, &a.k, &a.v, &a.probs, d_scores, dropout)?;
+            } else if d_scores.is_some() {
+                return Err(Error::Shape("a gradient on the attention scores needs keep_scores in the forward".into()));
+            } else {
+                let (dq, dk, dv, d_context) = (&mut s.dq, &mut s.dk, &mut s.dv, &s.d_context);
+                let (q, k, v, out, mask) = (&a.q, &a.k, &a.v, &a.context, &batch.mask);
+                attention::attention_backward_stats(dq, dk, dv, d_context, q, k, v, out, &a.stats, mask, dropout)?;
+            }
             if let Some(extra) = &out_grads.qkv[l] {
                 for (d, e) in [&mut s.dq, &mut s.dk, &mut s.dv].into_iter().zip(extra) {
                     bias::add_inplace(d, e)?;
