@@ -22,6 +22,7 @@ pub mod error;
 pub mod io;
 pub mod ops;
 pub mod rng;
+mod simd;
 pub mod tensor;
 pub mod testing;
 

@@ -3,6 +3,8 @@
 //! same (seed, element) without sharing state; sequential uses (shuffling, initialisation) use
 //! [`Rng`], a SplitMix64-seeded xoshiro256++.
 
+use crate::simd::with_avx2;
+
 /// SplitMix64 finaliser: a bijective 64-bit mix with good avalanche.
 #[inline]
 pub fn mix64(mut z: u64) -> u64 {
@@ -14,8 +16,36 @@ pub fn mix64(mut z: u64) -> u64 {
 /// Uniform in [0, 1) from (seed, index), with 24 bits of precision (exact in f32).
 #[inline]
 pub fn uniform(seed: u64, index: u64) -> f32 {
-    let bits = mix64(mix64(seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(index));
-    (bits >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+    Uniforms::new(seed).at(index)
+}
+
+/// The counter-based draws of one seed, `at(i) == uniform(seed, i)`, with the seed's own mix
+/// done once rather than per element.
+#[derive(Clone, Copy, Debug)]
+pub struct Uniforms {
+    key: u64,
+}
+
+impl Uniforms {
+    pub fn new(seed: u64) -> Uniforms {
+        Uniforms { key: mix64(seed ^ 0x9e37_79b9_7f4a_7c15) }
+    }
+
+    #[inline(always)]
+    pub fn at(self, index: u64) -> f32 {
+        // The top 24 bits convert exactly through i32, which (unlike u64) SIMD converts natively.
+        ((mix64(self.key.wrapping_add(index)) >> 40) as i32) as f32 * (1.0 / (1u64 << 24) as f32)
+    }
+
+    /// `out[j] = self.at(first + j)`, four lanes wide where the CPU has AVX2.
+    pub fn fill(self, first: u64, out: &mut [f32]) {
+        let key = self.key;
+        with_avx2!(key: u64, first: u64, out: &mut [f32] => {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = Uniforms { key }.at(first.wrapping_add(j as u64));
+            }
+        });
+    }
 }
 
 /// Sequential generator for shuffles, sampling and weight initialisation.

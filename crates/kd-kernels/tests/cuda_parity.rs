@@ -369,7 +369,7 @@ fn cuda_device_without_driver_is_a_one_line_error() {
 // ---- layernorm, gelu, bias, dropout ----
 
 use kd_kernels::ops::bias::{add, add_bias_inplace, add_inplace, bias_backward, scale_inplace};
-use kd_kernels::ops::dropout::{dropout_backward, dropout_forward};
+use kd_kernels::ops::dropout::{dropout_backward, dropout_backward_rows, dropout_forward, dropout_forward_rows};
 use kd_kernels::ops::gelu::{gelu_backward, gelu_forward, tanh_backward, tanh_forward};
 use kd_kernels::ops::layernorm::{layernorm_backward, layernorm_forward};
 
@@ -491,6 +491,19 @@ fn dropout_matches_cpu_bitwise() {
             assert_same_bits(&format!("dropout_backward n={n} p={p} seed={seed}"), &gpu_dx, &cpu_dx);
         }
     }
+    // Rows addressed `row_step` mask indices apart (the [CLS] rows of a logits-only layer).
+    let (rows, d, row_step) = (5, 384, 64 * 384);
+    let (x, init) = (randn(&mut rng, rows * d, 1.0), randn(&mut rng, rows * d, 1.0));
+    let run = |dev: &Device| {
+        let mut out = Tensor::zeros(&[rows, d], dev).unwrap();
+        dropout_forward_rows(&mut out, &t(&x, &[rows, d], dev), 0.1, 9, row_step).unwrap();
+        let mut dx = t(&init, &[rows, d], dev);
+        dropout_backward_rows(&mut dx, &t(&x, &[rows, d], dev), 0.1, 9, row_step).unwrap();
+        (host(&out), host(&dx))
+    };
+    let ((cpu_out, cpu_dx), (gpu_out, gpu_dx)) = (run(&Device::Cpu), run(&gpu));
+    assert_same_bits("dropout_forward_rows", &gpu_out, &cpu_out);
+    assert_same_bits("dropout_backward_rows", &gpu_dx, &cpu_dx);
 }
 
 fn assert_same_bits(what: &str, gpu: &[f32], cpu: &[f32]) {

@@ -2,7 +2,7 @@
 mod common;
 
 use common::*;
-use kd_kernels::ops::dropout::{dropout_backward, dropout_forward};
+use kd_kernels::ops::dropout::{dropout_backward, dropout_backward_rows, dropout_forward, dropout_forward_rows};
 use kd_kernels::rng::{uniform, Rng};
 use kd_kernels::Error;
 
@@ -27,6 +27,35 @@ fn forward_follows_the_counter_based_mask() {
         let out = forward(&x, &shape, p, 42);
         assert_close("dropout", &out, &ref_dropout(&x, p, 42), 1e-6, 0.0);
     }
+}
+
+/// Every L-th row of an `[N, D]` tensor (the [CLS] rows), dropped with `row_step = L * D`, gets
+/// the masks those rows have in the full tensor, forward and backward.
+#[test]
+fn row_addressed_masks_match_the_full_tensor_rows() {
+    let mut rng = Rng::new(6);
+    // D spans several draw segments; the full tensor spans several tasks' chunks.
+    for (b, l, d) in [(3, 5, 7), (4, 9, 2500)] {
+        let (p, seed) = (0.3, 17);
+        let full_x = randn(&mut rng, b * l * d, 1.0);
+        let full = forward(&full_x, &[b * l, d], p, seed);
+        let rows_x: Vec<f32> = (0..b).flat_map(|i| full_x[i * l * d..][..d].to_vec()).collect();
+        let mut rows = tensor(&vec![f32::NAN; b * d], &[b, d]);
+        dropout_forward_rows(&mut rows, &tensor(&rows_x, &[b, d]), p, seed, l * d).unwrap();
+        let want: Vec<f32> = (0..b).flat_map(|i| full[i * l * d..][..d].to_vec()).collect();
+        assert_eq!(rows.to_vec().unwrap(), want, "forward, {b}x{l}x{d}");
+
+        let init = randn(&mut rng, b * d, 1.0);
+        let mut dx = tensor(&init, &[b, d]);
+        dropout_backward_rows(&mut dx, &tensor(&rows_x, &[b, d]), p, seed, l * d).unwrap();
+        let got = dx.to_vec().unwrap();
+        for (i, (&g, (&w, &s))) in got.iter().zip(want.iter().zip(&init)).enumerate() {
+            assert_eq!(g, s + w, "backward [{i}]");
+        }
+    }
+    let err =
+        dropout_forward_rows(&mut tensor(&[0.0; 6], &[2, 3]), &tensor(&[1.0; 6], &[2, 3]), 0.1, 1, 2).unwrap_err();
+    assert!(err.to_string().contains("apart"), "{err}");
 }
 
 #[test]

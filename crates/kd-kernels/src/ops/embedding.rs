@@ -11,7 +11,8 @@ use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, IdTensor, Result, Tensor};
 
 /// `out[i, :] = table[ids[i], :]`, or `+=` when `accumulate` (BERT sums the word, position and
-/// token-type embeddings into one buffer). `out` holds one row of D per id, in any leading shape.
+/// token-type embeddings into one buffer). `out` holds one row of D per id, in any leading shape;
+/// `table` is read as rows of its last dimension (a `[B, L, D]` activation serves as `[N, D]`).
 /// An id >= V is an error (on a GPU, where finding it would need a synchronising copy, its row
 /// of `out` becomes NaN).
 pub fn embedding_forward(out: &mut Tensor, ids: &IdTensor, table: &Tensor, accumulate: bool) -> Result<()> {
@@ -19,7 +20,7 @@ pub fn embedding_forward(out: &mut Tensor, ids: &IdTensor, table: &Tensor, accum
     let d = check_ids(OP, "out", out, ids, table)?;
     match ids_device(OP, ids, common_device(OP, &[out, table])?)? {
         Device::Cpu => {
-            check_range(OP, ids.cpu()?, table.shape()[0])?;
+            check_range(OP, ids.cpu()?, lead_rows(table))?;
             let (ids, table) = (ids.cpu()?, table.cpu()?);
             if d > 0 {
                 out.cpu_mut()?.par_chunks_mut(d).zip(ids.par_iter()).for_each(|(row, &id)| {
@@ -34,7 +35,7 @@ pub fn embedding_forward(out: &mut Tensor, ids: &IdTensor, table: &Tensor, accum
             Ok(())
         }
         Device::Cuda(dev) => {
-            let Some((sizes, cfg)) = launch_sizes(OP, ids.numel(), d, table.shape()[0])? else { return Ok(()) };
+            let Some((sizes, cfg)) = launch_sizes(OP, ids.numel(), d, lead_rows(table))? else { return Ok(()) };
             let accumulate = i32::from(accumulate);
             let f = dev.function(Module::Embedding, "embedding_forward_f32")?;
             let mut b = dev.stream.launch_builder(&f);
@@ -59,7 +60,7 @@ pub fn embedding_backward(dtable: &mut Tensor, dout: &Tensor, ids: &IdTensor) ->
     match ids_device(OP, ids, common_device(OP, &[dtable, dout])?)? {
         Device::Cpu => {
             let (ids, dout) = (ids.cpu()?, dout.cpu()?);
-            let vocab = dtable.shape()[0];
+            let vocab = lead_rows(dtable);
             check_range(OP, ids, vocab)?;
             if d > 0 && vocab > 0 {
                 let rows_per_task = vocab.div_ceil(4 * rayon::current_num_threads());
@@ -77,7 +78,7 @@ pub fn embedding_backward(dtable: &mut Tensor, dout: &Tensor, ids: &IdTensor) ->
             Ok(())
         }
         Device::Cuda(dev) => {
-            let Some((sizes, cfg)) = launch_sizes(OP, ids.numel(), d, dtable.shape()[0])? else { return Ok(()) };
+            let Some((sizes, cfg)) = launch_sizes(OP, ids.numel(), d, lead_rows(dtable))? else { return Ok(()) };
             let f = dev.function(Module::Embedding, "embedding_backward_f32")?;
             let mut b = dev.stream.launch_builder(&f);
             b.arg(cuda::slice_mut(dtable)?).arg(cuda::slice(dout)?).arg(cuda::id_slice(ids)?);
@@ -162,10 +163,12 @@ pub fn soft_embedding_backward(
 }
 
 /// Checks `rows` (one row of D per id, any leading shape) against `table` `[V, D]`; returns D.
+/// The table may have any leading shape (`[B, L, D]` activations are `[N, D]` tables of rows).
 fn check_ids(op: &'static str, what: &str, rows: &Tensor, ids: &IdTensor, table: &Tensor) -> Result<usize> {
-    let [_, d] = *table.shape() else {
+    let d = table.last_dim();
+    if table.shape().len() < 2 {
         return Err(Error::shape(op, format!("table is {:?}, expected [V, D]", table.shape())));
-    };
+    }
     expect_rows(op, what, rows, ids.numel(), d)?;
     Ok(d)
 }

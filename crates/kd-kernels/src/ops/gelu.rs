@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::cuda::{self, Module};
 use crate::ops::bias::elements;
+use crate::simd::with_avx2;
 use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Result, Tensor};
 
@@ -109,28 +110,6 @@ fn map_backward(
             Ok(())
         }
     }
-}
-
-/// Runs `$body`, a function of the named arguments, compiled for AVX2 where the CPU has it: the
-/// workspace builds for baseline x86-64, whose SSE2 lanes hold 4 floats, AVX2's 8. The body must
-/// call its element functions by name: LLVM does not inline one reached through a generic `Fn`
-/// into the `#[target_feature]` function, and then nothing vectorises. No FMA is enabled, so both
-/// builds round alike and give the same bits.
-macro_rules! with_avx2 {
-    ($($arg:ident: $ty:ty),* => $body:block) => {{
-        #[inline(always)]
-        fn each($($arg: $ty),*) $body
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            #[target_feature(enable = "avx2")]
-            fn avx2($($arg: $ty),*) {
-                each($($arg),*)
-            }
-            // SAFETY: the CPU has AVX2, checked just above.
-            return unsafe { avx2($($arg),*) };
-        }
-        each($($arg),*)
-    }};
 }
 
 /// `out = gelu(x)` over CPU slices of equal length.
