@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kd_kernels::rng::{mix64, Rng};
 use kd_kernels::{IdTensor, Tensor};
-use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads};
+use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads, Outputs};
 use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
 use kd_model::BertWeights;
 
@@ -137,8 +137,8 @@ impl StandardStep {
         let labels: Vec<u32> = (0..batch).map(|_| rng.below(NUM_LABELS) as u32).collect();
         let encoder_batch = EncoderBatch::new(&ids, &vec![0; n], &vec![1.0; n], batch, seq, &device)?;
 
-        let teacher_acts = teacher.activations(batch, seq)?;
-        let student_acts = student.activations(batch, seq)?;
+        let teacher_acts = teacher.activations_for(batch, seq, Outputs::LogitsInference)?;
+        let student_acts = student.activations_for(batch, seq, Outputs::Logits)?;
         let out_grads = student_acts.output_grads()?;
         let config = OptimizerConfig {
             lr: 5e-5,

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use kd_kernels::rng::{mix64, Rng};
 use kd_kernels::Device;
-use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads};
+use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads, Outputs};
 use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
 use kd_model::BertWeights;
 
@@ -44,6 +44,12 @@ impl LossLog {
 
 /// What a method trains the student to minimise on one batch.
 pub trait Objective {
+    /// What the student's forward keeps: losses on logits alone say [`Outputs::Logits`], which
+    /// skips most of the last layer for the non-[CLS] rows.
+    fn student_outputs(&self) -> Outputs {
+        Outputs::All
+    }
+
     /// Whether the student's forward must keep its attention scores (attention-map losses).
     fn keep_scores(&self) -> bool {
         false
@@ -244,7 +250,7 @@ pub fn train(
         let t0 = Instant::now();
         let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
         let targets = gather_targets(&train.targets, indices, &device)?;
-        let mut acts = student.activations(batch.batch, batch.seq)?;
+        let mut acts = student.activations_for(batch.batch, batch.seq, objective.student_outputs())?;
         let mode =
             ForwardMode { train: true, seed: mix64(cfg.seed.wrapping_add(step)), keep_scores: objective.keep_scores() };
         let input = StepInput { batch: &batch, indices, targets: &targets, epoch, step, steps_per_epoch };
@@ -279,7 +285,7 @@ pub fn predict(model: &Bert, items: &[Encoded], batch_size: usize) -> Result<Vec
     let mut out = Vec::with_capacity(items.len());
     for chunk in items.chunks(batch_size) {
         let batch = collate(chunk, pad, &device)?;
-        let mut acts = model.activations(batch.batch, batch.seq)?;
+        let mut acts = model.activations_for(batch.batch, batch.seq, Outputs::LogitsInference)?;
         model.forward(&mut acts, &batch, None, ForwardMode::default())?;
         let logits = acts.logits.as_ref().ok_or_else(|| Error::Config("the model has no classifier head".into()))?;
         let c = logits.last_dim();

@@ -6,6 +6,13 @@
 //! intermediate width `I`, `C` labels. Hidden states are `[N, D]`; attention maps `[B, H, L, L]`.
 //! Dropout masks are not stored: each dropout site draws from `rng::uniform(seed, element)`
 //! with its own seed, so backward recomputes the same mask.
+//!
+//! A pass that only needs the logits ([`Outputs::Logits`]) runs the last layer past its
+//! attention on the `B` [CLS] rows alone: the pooler reads nothing else, and every op after the
+//! attention is row-wise, so the logits are those of the full pass while the last layer's
+//! output projection and feed-forward (about 70% of its FLOPs, forward and backward) are not
+//! computed for the other `N - B` rows. Its dropout masks are addressed by the rows' places in
+//! the full `[N, D]` tensor, so training draws the full pass's masks too.
 
 use kd_kernels::ops::attention::{self, AttentionDropout};
 use kd_kernels::ops::{bias, dropout, embedding, gelu, gemm, layernorm};
@@ -70,6 +77,22 @@ pub struct ForwardMode {
     pub keep_scores: bool,
 }
 
+/// What a forward pass keeps, chosen when its [`Activations`] are made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outputs {
+    /// Every hidden state and attention map, and the buffers of a backward pass: for losses on
+    /// intermediate representations.
+    #[default]
+    All,
+    /// Only the logits and their backward: the last layer's output projection, feed-forward and
+    /// LayerNorms run on the [CLS] rows (see the module docs); `hidden.last()` is `[B, D]`.
+    Logits,
+    /// [`Outputs::Logits`] without a backward (frozen teachers, evaluation): the layers before
+    /// the last share one set of buffers, and `hidden` is only three states (the embedding output
+    /// and the layers' outputs alternating in the first two, the last layer's `[B, D]`).
+    LogitsInference,
+}
+
 /// The forward buffers of one transformer layer, kept for its backward.
 pub struct LayerActivations {
     pub q: Tensor,
@@ -94,18 +117,29 @@ pub struct LayerActivations {
     ffn_residual: Tensor,
     ln2_mean: Tensor,
     ln2_rstd: Tensor,
+    /// For a logits-only last layer, the [CLS] rows its post-attention half runs on.
+    cls: Option<ClsRows>,
+}
+
+/// The `[B, D]` [CLS] rows of a logits-only last layer's attention context and input.
+struct ClsRows {
+    context: Tensor,
+    input: Tensor,
 }
 
 /// Everything a forward pass writes and its backward reads, for one `(B, L)`.
 pub struct Activations {
     pub batch: usize,
     pub seq: usize,
+    pub outputs: Outputs,
+    num_layers: usize,
     mode: ForwardMode,
     emb_sum: Tensor,
     emb_ln: Tensor,
     emb_mean: Tensor,
     emb_rstd: Tensor,
-    /// `hidden[0]` is the embedding output, `hidden[l + 1]` the output of layer `l`.
+    /// `hidden[0]` is the embedding output, `hidden[l + 1]` the output of layer `l` (but see
+    /// [`Outputs::LogitsInference`]).
     pub hidden: Vec<Tensor>,
     pub layers: Vec<LayerActivations>,
     cls: Tensor,
@@ -130,15 +164,44 @@ pub struct OutputGrads {
     pub qkv: Vec<Option<[Tensor; 3]>>,
 }
 
-/// Scratch gradients of the activations, reused across steps.
-struct Scratch {
+/// Gradients of a layer's post-attention half (LayerNorms, feed-forward, attention output
+/// dense) over its rows: all `N` token rows, or the `B` [CLS] rows of a logits-only last layer.
+struct RowScratch {
+    /// d(layer output), the input of the layer's backward.
     dh: Tensor,
-    dh_prev: Tensor,
-    d_a: Tensor,
     d_res: Tensor,
+    d_a: Tensor,
     d_tmp: Tensor,
     d_inter: Tensor,
     d_inter_pre: Tensor,
+}
+
+impl RowScratch {
+    fn new(config: &BertConfig, rows: usize, device: &Device) -> Result<Self> {
+        let (d, i) = (config.hidden_size, config.intermediate_size);
+        Ok(RowScratch {
+            dh: zeros(&[rows, d], device)?,
+            d_res: zeros(&[rows, d], device)?,
+            d_a: zeros(&[rows, d], device)?,
+            d_tmp: zeros(&[rows, d], device)?,
+            d_inter: zeros(&[rows, i], device)?,
+            d_inter_pre: zeros(&[rows, i], device)?,
+        })
+    }
+}
+
+/// The [CLS]-row gradients of a logits-only last layer: its post-attention half and
+/// d(context) of those rows before they are scattered into the full `d_context`.
+struct ClsScratch {
+    rows: RowScratch,
+    d_context: Tensor,
+}
+
+/// Scratch gradients of the activations, reused across steps.
+struct Scratch {
+    rows: RowScratch,
+    cls: Option<ClsScratch>,
+    dh_prev: Tensor,
     d_context: Tensor,
     dq: Tensor,
     dk: Tensor,
@@ -150,16 +213,15 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(config: &BertConfig, batch: usize, seq: usize, device: &Device) -> Result<Self> {
-        let (n, d, i) = (batch * seq, config.hidden_size, config.intermediate_size);
+    fn new(config: &BertConfig, batch: usize, seq: usize, cls_tail: bool, device: &Device) -> Result<Self> {
+        let (n, d) = (batch * seq, config.hidden_size);
+        let cls = || -> Result<ClsScratch> {
+            Ok(ClsScratch { rows: RowScratch::new(config, batch, device)?, d_context: zeros(&[batch, d], device)? })
+        };
         Ok(Scratch {
-            dh: zeros(&[n, d], device)?,
+            rows: RowScratch::new(config, n, device)?,
+            cls: cls_tail.then(cls).transpose()?,
             dh_prev: zeros(&[n, d], device)?,
-            d_a: zeros(&[n, d], device)?,
-            d_res: zeros(&[n, d], device)?,
-            d_tmp: zeros(&[n, d], device)?,
-            d_inter: zeros(&[n, i], device)?,
-            d_inter_pre: zeros(&[n, i], device)?,
             d_context: zeros(&[batch, seq, d], device)?,
             dq: zeros(&[batch, seq, d], device)?,
             dk: zeros(&[batch, seq, d], device)?,
@@ -222,10 +284,18 @@ impl Activations {
         num_labels: Option<usize>,
         batch: usize,
         seq: usize,
+        outputs: Outputs,
         device: &Device,
     ) -> Result<Self> {
         let (n, d, h, i) = (batch * seq, config.hidden_size, config.num_attention_heads, config.intermediate_size);
-        let layer = || -> Result<LayerActivations> {
+        let num_layers = config.num_hidden_layers;
+        let cls_tail = outputs != Outputs::All && num_layers > 0;
+        // `rows`: the token rows of the post-attention half, N or the B [CLS] rows.
+        let layer = |cls_only: bool| -> Result<LayerActivations> {
+            let r = if cls_only { batch } else { n };
+            let cls = || -> Result<ClsRows> {
+                Ok(ClsRows { context: zeros(&[batch, d], device)?, input: zeros(&[batch, d], device)? })
+            };
             Ok(LayerActivations {
                 q: zeros(&[batch, seq, d], device)?,
                 k: zeros(&[batch, seq, d], device)?,
@@ -235,27 +305,47 @@ impl Activations {
                 context: zeros(&[batch, seq, d], device)?,
                 stats: zeros(&[batch, h, seq, 2], device)?,
                 maps: true,
-                attn_residual: zeros(&[n, d], device)?,
-                ln1_mean: zeros(&[n], device)?,
-                ln1_rstd: zeros(&[n], device)?,
-                attention_output: zeros(&[n, d], device)?,
-                intermediate_pre: zeros(&[n, i], device)?,
-                intermediate: zeros(&[n, i], device)?,
-                ffn_residual: zeros(&[n, d], device)?,
-                ln2_mean: zeros(&[n], device)?,
-                ln2_rstd: zeros(&[n], device)?,
+                attn_residual: zeros(&[r, d], device)?,
+                ln1_mean: zeros(&[r], device)?,
+                ln1_rstd: zeros(&[r], device)?,
+                attention_output: zeros(&[r, d], device)?,
+                intermediate_pre: zeros(&[r, i], device)?,
+                intermediate: zeros(&[r, i], device)?,
+                ffn_residual: zeros(&[r, d], device)?,
+                ln2_mean: zeros(&[r], device)?,
+                ln2_rstd: zeros(&[r], device)?,
+                cls: cls_only.then(cls).transpose()?,
             })
         };
+        // Inference keeps one full layer's buffers for all but the last (if there are any).
+        let full_layers = match outputs {
+            Outputs::LogitsInference => num_layers.saturating_sub(1).min(1),
+            _ => num_layers - usize::from(cls_tail),
+        };
+        let mut layers = (0..full_layers).map(|_| layer(false)).collect::<Result<Vec<_>>>()?;
+        if cls_tail {
+            layers.push(layer(true)?);
+        }
+        let full_hidden = match outputs {
+            Outputs::LogitsInference => num_layers.min(2),
+            _ => num_layers + 1 - usize::from(cls_tail),
+        };
+        let mut hidden = (0..full_hidden).map(|_| zeros(&[n, d], device)).collect::<Result<Vec<_>>>()?;
+        if cls_tail {
+            hidden.push(zeros(&[batch, d], device)?);
+        }
         Ok(Activations {
             batch,
             seq,
+            outputs,
+            num_layers,
             mode: ForwardMode::default(),
             emb_sum: zeros(&[n, d], device)?,
             emb_ln: zeros(&[n, d], device)?,
             emb_mean: zeros(&[n], device)?,
             emb_rstd: zeros(&[n], device)?,
-            hidden: (0..=config.num_hidden_layers).map(|_| zeros(&[n, d], device)).collect::<Result<_>>()?,
-            layers: (0..config.num_hidden_layers).map(|_| layer()).collect::<Result<_>>()?,
+            hidden,
+            layers,
             cls: zeros(&[batch, d], device)?,
             pooled_pre: zeros(&[batch, d], device)?,
             pooled: zeros(&[batch, d], device)?,
@@ -264,6 +354,18 @@ impl Activations {
             used_inputs_embeds: false,
             scratch: None,
         })
+    }
+
+    /// Where layer `l` reads its input and writes its output in `hidden`, and which `layers`
+    /// entry holds its buffers.
+    fn slots(&self, l: usize) -> (usize, usize, usize) {
+        match self.outputs {
+            Outputs::LogitsInference if l + 1 == self.num_layers => {
+                (l % 2, self.hidden.len() - 1, self.layers.len() - 1)
+            }
+            Outputs::LogitsInference => (l % 2, (l + 1) % 2, 0),
+            Outputs::All | Outputs::Logits => (l, l + 1, l),
+        }
     }
 
     /// The output gradients matching these activations, all zero.
@@ -322,6 +424,27 @@ impl OutputGrads {
     }
 }
 
+/// How far apart a layer's post-attention rows lie in its dropout masks' index space: `D` for
+/// all `N` rows, `L * D` for the [CLS] rows (the first of each example's `L`).
+fn mask_row_step(layer: &LayerActivations, seq: usize, d: usize) -> usize {
+    if layer.cls.is_some() {
+        seq * d
+    } else {
+        d
+    }
+}
+
+/// `(&hidden[input], &mut hidden[output])`, two distinct entries.
+fn input_and_output(hidden: &mut [Tensor], input: usize, output: usize) -> (&Tensor, &mut Tensor) {
+    if input < output {
+        let (before, after) = hidden.split_at_mut(output);
+        (&before[input], &mut after[0])
+    } else {
+        let (before, after) = hidden.split_at_mut(input);
+        (&after[0], &mut before[output])
+    }
+}
+
 fn linear(out: &mut Tensor, x: &Tensor, l: &Linear) -> Result<()> {
     Ok(gemm::linear_forward(out, x, &l.weight, Some(&l.bias))?)
 }
@@ -354,15 +477,20 @@ impl Bert {
         self.weights.classifier.as_ref().map(|c| c.weight.shape()[0])
     }
 
-    /// Buffers for a batch of `batch` examples of `seq` tokens.
+    /// Buffers for a batch of `batch` examples of `seq` tokens, keeping everything.
     pub fn activations(&self, batch: usize, seq: usize) -> Result<Activations> {
+        self.activations_for(batch, seq, Outputs::All)
+    }
+
+    /// Buffers for a batch of `batch` examples of `seq` tokens, keeping `outputs`.
+    pub fn activations_for(&self, batch: usize, seq: usize, outputs: Outputs) -> Result<Activations> {
         if seq > self.config.max_position_embeddings {
             return Err(Error::Shape(format!(
                 "sequence length {seq} exceeds max_position_embeddings {}",
                 self.config.max_position_embeddings
             )));
         }
-        Activations::new(&self.config, self.num_labels(), batch, seq, &self.device())
+        Activations::new(&self.config, self.num_labels(), batch, seq, outputs, &self.device())
     }
 
     /// Runs the encoder (and the classifier head when present). `inputs_embeds` `[N, D]`
@@ -423,12 +551,18 @@ impl Bert {
         let cfg = &self.config;
         let eps = cfg.layer_norm_eps as f32;
         let p_hidden = if mode.train { cfg.hidden_dropout_prob as f32 } else { 0.0 };
-        // The flash kernels keep no maps: they run unless a loss reads the maps.
-        let flash = attention::flash_path(&self.device(), cfg.hidden_size / cfg.num_attention_heads);
+        if mode.keep_scores && acts.outputs != Outputs::All {
+            return Err(Error::Shape("attention scores are kept only with Outputs::All".into()));
+        }
+        // The flash kernels keep no maps: they run unless a loss reads the maps, and only when
+        // asked for, until they have passed their parity tests on a GPU (docs/GPU.md).
+        let flash = std::env::var_os("KD_FLASH_ATTENTION").is_some_and(|v| v == "1")
+            && attention::flash_path(&self.device(), cfg.hidden_size / cfg.num_attention_heads);
         for (l, lw) in w.layers.iter().enumerate() {
-            let (before, after) = acts.hidden.split_at_mut(l + 1);
-            let (x, out) = (&before[l], &mut after[0]);
-            let a = &mut acts.layers[l];
+            let (input, output, buffers) = acts.slots(l);
+            let row_step = mask_row_step(&acts.layers[buffers], acts.seq, cfg.hidden_size);
+            let (x, out) = input_and_output(&mut acts.hidden, input, output);
+            let a = &mut acts.layers[buffers];
             // self-attention; q, k, v and the context are [B, L, D] views of [N, D] rows
             linear(&mut a.q, x, &lw.query)?;
             linear(&mut a.k, x, &lw.key)?;
@@ -449,10 +583,19 @@ impl Bert {
                 &batch.mask,
                 attention_dropout(cfg, mode, l),
             )?;
+            // The rest of the layer is row-wise: a logits-only last layer runs it on [CLS] rows.
+            let (context, x) = match &mut a.cls {
+                Some(rows) => {
+                    embedding::embedding_forward(&mut rows.context, &batch.cls_rows, &a.context, false)?;
+                    embedding::embedding_forward(&mut rows.input, &batch.cls_rows, x, false)?;
+                    (&rows.context, &rows.input)
+                }
+                None => (&a.context, x),
+            };
             // attention output: dense, dropout, residual, LayerNorm (attention_output is scratch until the LN)
-            linear(&mut a.attention_output, &a.context, &lw.attention_output)?;
+            linear(&mut a.attention_output, context, &lw.attention_output)?;
             let seed = site_seed(mode.seed, site_attention_output(l));
-            dropout::dropout_forward(&mut a.attn_residual, &a.attention_output, p_hidden, seed)?;
+            dropout::dropout_forward_rows(&mut a.attn_residual, &a.attention_output, p_hidden, seed, row_step)?;
             bias::add_inplace(&mut a.attn_residual, x)?;
             let ln1 = &lw.attention_layer_norm;
             layer_norm(&mut a.attention_output, &mut a.ln1_mean, &mut a.ln1_rstd, &a.attn_residual, ln1, eps)?;
@@ -460,15 +603,21 @@ impl Bert {
             linear(&mut a.intermediate_pre, &a.attention_output, &lw.intermediate)?;
             gelu::gelu_forward(&mut a.intermediate, &a.intermediate_pre)?;
             linear(out, &a.intermediate, &lw.output)?;
-            dropout::dropout_forward(&mut a.ffn_residual, out, p_hidden, site_seed(mode.seed, site_ffn_output(l)))?;
+            let seed = site_seed(mode.seed, site_ffn_output(l));
+            dropout::dropout_forward_rows(&mut a.ffn_residual, out, p_hidden, seed, row_step)?;
             bias::add_inplace(&mut a.ffn_residual, &a.attention_output)?;
             layer_norm(out, &mut a.ln2_mean, &mut a.ln2_rstd, &a.ffn_residual, &lw.output_layer_norm, eps)?;
         }
 
         if let (Some(pooler), Some(classifier), Some(logits)) = (&w.pooler, &w.classifier, &mut acts.logits) {
             let last = acts.hidden.last().expect("at least the embedding output");
-            embedding::embedding_forward(&mut acts.cls, &batch.cls_rows, last, false)?;
-            linear(&mut acts.pooled_pre, &acts.cls, pooler)?;
+            let cls = if acts.layers.last().is_some_and(|a| a.cls.is_some()) {
+                last
+            } else {
+                embedding::embedding_forward(&mut acts.cls, &batch.cls_rows, last, false)?;
+                &acts.cls
+            };
+            linear(&mut acts.pooled_pre, cls, pooler)?;
             gelu::tanh_forward(&mut acts.pooled, &acts.pooled_pre)?;
             let p_cls = if mode.train { cfg.classifier_dropout() as f32 } else { 0.0 };
             dropout::dropout_forward(&mut acts.pooled_dropped, &acts.pooled, p_cls, site_seed(mode.seed, SITE_POOLER))?;
@@ -503,20 +652,28 @@ impl Bert {
         batch: &EncoderBatch,
     ) -> Result<&'a mut Tensor> {
         check_batch(acts, batch)?;
+        if acts.outputs == Outputs::LogitsInference {
+            return Err(Error::Shape("these activations were made for inference (Outputs::LogitsInference)".into()));
+        }
         let cfg = &self.config;
         let w = &self.weights;
         let mode = acts.mode;
         let p_hidden = if mode.train { cfg.hidden_dropout_prob as f32 } else { 0.0 };
+        let cls_tail = acts.layers.last().is_some_and(|a| a.cls.is_some());
         if acts.scratch.is_none() {
-            acts.scratch = Some(Scratch::new(cfg, acts.batch, acts.seq, &self.device())?);
+            acts.scratch = Some(Scratch::new(cfg, acts.batch, acts.seq, cls_tail, &self.device())?);
         }
         let s = acts.scratch.as_mut().expect("made above");
         let n_layers = w.layers.len();
 
         // d(last hidden state): from the losses, and through the pooler and classifier.
-        s.dh.fill(0.0)?;
+        let dh_last = match &mut s.cls {
+            Some(cls) => &mut cls.rows.dh,
+            None => &mut s.rows.dh,
+        };
+        dh_last.fill(0.0)?;
         if let Some(extra) = &out_grads.hidden[n_layers] {
-            bias::add_inplace(&mut s.dh, extra)?;
+            bias::add_inplace(dh_last, extra)?;
         }
         if let (Some(pooler), Some(classifier), Some(dlogits)) = (&w.pooler, &w.classifier, &out_grads.logits) {
             let (g_pooler, g_classifier) = match (&mut grads.pooler, &mut grads.classifier) {
@@ -530,86 +687,107 @@ impl Bert {
             linear_back(Some(&mut s.d_pooled_dropped), g_classifier, dlogits, &acts.pooled_dropped, classifier)?;
             dropout::dropout_backward(&mut s.d_pooled, &s.d_pooled_dropped, p_cls, site_seed(mode.seed, SITE_POOLER))?;
             gelu::tanh_backward(&mut s.d_pooled_pre, &s.d_pooled, &acts.pooled)?;
-            linear_back(Some(&mut s.d_cls), g_pooler, &s.d_pooled_pre, &acts.cls, pooler)?;
-            embedding::embedding_backward(&mut s.dh, &s.d_cls, &batch.cls_rows)?;
+            let last = acts.hidden.last().expect("at least the embedding output");
+            if cls_tail {
+                // The pooler's input is the last hidden state itself.
+                linear_back(Some(dh_last), g_pooler, &s.d_pooled_pre, last, pooler)?;
+            } else {
+                linear_back(Some(&mut s.d_cls), g_pooler, &s.d_pooled_pre, &acts.cls, pooler)?;
+                embedding::embedding_backward(dh_last, &s.d_cls, &batch.cls_rows)?;
+            }
         }
 
         for l in (0..n_layers).rev() {
             let (lw, g, a, x) = (&w.layers[l], &mut grads.layers[l], &acts.layers[l], &acts.hidden[l]);
-            // s.dh is d(hidden[l + 1]); out = LN2(dropout(ffn_out) + attention_output)
-            s.d_res.fill(0.0)?;
+            let row_step = mask_row_step(a, acts.seq, cfg.hidden_size);
+            let Scratch { rows, cls, dh_prev, d_context, dq, dk, dv, .. } = &mut *s;
+            // The post-attention half's rows, and for a [CLS]-only layer its context rows.
+            let (r, cls_rows) = match (&a.cls, cls) {
+                (Some(rows), Some(cls)) => (&mut cls.rows, Some((rows, &mut cls.d_context))),
+                _ => (rows, None),
+            };
+            // r.dh is d(hidden[l + 1]); out = LN2(dropout(ffn_out) + attention_output)
+            r.d_res.fill(0.0)?;
             let ln2 = &mut g.output_layer_norm;
             layernorm::layernorm_backward(
-                &mut s.d_res,
+                &mut r.d_res,
                 &mut ln2.weight,
                 &mut ln2.bias,
-                &s.dh,
+                &r.dh,
                 &a.ffn_residual,
                 &a.ln2_mean,
                 &a.ln2_rstd,
                 &lw.output_layer_norm.weight,
             )?;
-            s.d_a.fill(0.0)?;
-            bias::add_inplace(&mut s.d_a, &s.d_res)?;
-            s.d_tmp.fill(0.0)?;
-            dropout::dropout_backward(&mut s.d_tmp, &s.d_res, p_hidden, site_seed(mode.seed, site_ffn_output(l)))?;
-            s.d_inter.fill(0.0)?;
-            linear_back(Some(&mut s.d_inter), &mut g.output, &s.d_tmp, &a.intermediate, &lw.output)?;
-            s.d_inter_pre.fill(0.0)?;
-            gelu::gelu_backward(&mut s.d_inter_pre, &s.d_inter, &a.intermediate_pre)?;
-            linear_back(Some(&mut s.d_a), &mut g.intermediate, &s.d_inter_pre, &a.attention_output, &lw.intermediate)?;
+            r.d_a.fill(0.0)?;
+            bias::add_inplace(&mut r.d_a, &r.d_res)?;
+            r.d_tmp.fill(0.0)?;
+            let seed = site_seed(mode.seed, site_ffn_output(l));
+            dropout::dropout_backward_rows(&mut r.d_tmp, &r.d_res, p_hidden, seed, row_step)?;
+            r.d_inter.fill(0.0)?;
+            linear_back(Some(&mut r.d_inter), &mut g.output, &r.d_tmp, &a.intermediate, &lw.output)?;
+            r.d_inter_pre.fill(0.0)?;
+            gelu::gelu_backward(&mut r.d_inter_pre, &r.d_inter, &a.intermediate_pre)?;
+            linear_back(Some(&mut r.d_a), &mut g.intermediate, &r.d_inter_pre, &a.attention_output, &lw.intermediate)?;
             // attention_output = LN1(dropout(attn_out) + x)
-            s.d_res.fill(0.0)?;
+            r.d_res.fill(0.0)?;
             let ln1 = &mut g.attention_layer_norm;
             layernorm::layernorm_backward(
-                &mut s.d_res,
+                &mut r.d_res,
                 &mut ln1.weight,
                 &mut ln1.bias,
-                &s.d_a,
+                &r.d_a,
                 &a.attn_residual,
                 &a.ln1_mean,
                 &a.ln1_rstd,
                 &lw.attention_layer_norm.weight,
             )?;
-            s.dh_prev.fill(0.0)?;
-            bias::add_inplace(&mut s.dh_prev, &s.d_res)?;
-            if let Some(extra) = &out_grads.hidden[l] {
-                bias::add_inplace(&mut s.dh_prev, extra)?;
+            r.d_tmp.fill(0.0)?;
+            let seed = site_seed(mode.seed, site_attention_output(l));
+            dropout::dropout_backward_rows(&mut r.d_tmp, &r.d_res, p_hidden, seed, row_step)?;
+            dh_prev.fill(0.0)?;
+            d_context.fill(0.0)?;
+            match cls_rows {
+                Some((rows, d_context_rows)) => {
+                    // Back from the [CLS] rows to all N: the other rows had no post-attention half.
+                    embedding::embedding_backward(dh_prev, &r.d_res, &batch.cls_rows)?;
+                    d_context_rows.fill(0.0)?;
+                    let g_out = &mut g.attention_output;
+                    linear_back(Some(d_context_rows), g_out, &r.d_tmp, &rows.context, &lw.attention_output)?;
+                    embedding::embedding_backward(d_context, d_context_rows, &batch.cls_rows)?;
+                }
+                None => {
+                    bias::add_inplace(dh_prev, &r.d_res)?;
+                    let g_out = &mut g.attention_output;
+                    linear_back(Some(d_context), g_out, &r.d_tmp, &a.context, &lw.attention_output)?;
+                }
             }
-            s.d_tmp.fill(0.0)?;
-            dropout::dropout_backward(
-                &mut s.d_tmp,
-                &s.d_res,
-                p_hidden,
-                site_seed(mode.seed, site_attention_output(l)),
-            )?;
-            s.d_context.fill(0.0)?;
-            linear_back(Some(&mut s.d_context), &mut g.attention_output, &s.d_tmp, &a.context, &lw.attention_output)?;
-            for t in [&mut s.dq, &mut s.dk, &mut s.dv] {
+            if let Some(extra) = &out_grads.hidden[l] {
+                bias::add_inplace(dh_prev, extra)?;
+            }
+            for t in [&mut *dq, &mut *dk, &mut *dv] {
                 t.fill(0.0)?;
             }
             let (d_scores, dropout) = (out_grads.scores[l].as_ref(), attention_dropout(cfg, mode, l));
             if a.maps {
-                let (dq, dk, dv, d_context) = (&mut s.dq, &mut s.dk, &mut s.dv, &s.d_context);
                 attention::attention_backward(dq, dk, dv, d_context, &a.q, &a.k, &a.v, &a.probs, d_scores, dropout)?;
             } else if d_scores.is_some() {
                 return Err(Error::Shape("a gradient on the attention scores needs keep_scores in the forward".into()));
             } else {
-                let (dq, dk, dv, d_context) = (&mut s.dq, &mut s.dk, &mut s.dv, &s.d_context);
                 let (q, k, v, out, mask) = (&a.q, &a.k, &a.v, &a.context, &batch.mask);
                 attention::attention_backward_stats(dq, dk, dv, d_context, q, k, v, out, &a.stats, mask, dropout)?;
             }
             if let Some(extra) = &out_grads.qkv[l] {
-                for (d, e) in [&mut s.dq, &mut s.dk, &mut s.dv].into_iter().zip(extra) {
+                for (d, e) in [&mut *dq, &mut *dk, &mut *dv].into_iter().zip(extra) {
                     bias::add_inplace(d, e)?;
                 }
             }
-            linear_back(Some(&mut s.dh_prev), &mut g.query, &s.dq, x, &lw.query)?;
-            linear_back(Some(&mut s.dh_prev), &mut g.key, &s.dk, x, &lw.key)?;
-            linear_back(Some(&mut s.dh_prev), &mut g.value, &s.dv, x, &lw.value)?;
-            std::mem::swap(&mut s.dh, &mut s.dh_prev);
+            linear_back(Some(dh_prev), &mut g.query, dq, x, &lw.query)?;
+            linear_back(Some(dh_prev), &mut g.key, dk, x, &lw.key)?;
+            linear_back(Some(dh_prev), &mut g.value, dv, x, &lw.value)?;
+            std::mem::swap(&mut s.rows.dh, &mut s.dh_prev);
         }
-        Ok(&mut s.dh)
+        Ok(&mut s.rows.dh)
     }
 
     /// The second half of [`Bert::backward`], mirroring [`Bert::embed`]: from the gradient
@@ -628,7 +806,8 @@ impl Bert {
         let p_hidden = if mode.train { self.config.hidden_dropout_prob as f32 } else { 0.0 };
         let s =
             acts.scratch.as_mut().ok_or_else(|| Error::Shape("backward_embeddings before backward_encoder".into()))?;
-        // s.dh is d(hidden[0]); hidden[0] = dropout(LN(word + position + token type))
+        // s.rows.dh is d(hidden[0]); hidden[0] = dropout(LN(word + position + token type))
+        let s = &mut s.rows;
         s.d_res.fill(0.0)?;
         dropout::dropout_backward(&mut s.d_res, &s.dh, p_hidden, site_seed(mode.seed, SITE_EMBEDDINGS))?;
         s.d_a.fill(0.0)?;

@@ -4,7 +4,7 @@
 //! Regression tasks (STS-B) use (1 - a) * MSE(z_s, y) + a * MSE(z_s, z_t) instead.
 
 use kd_kernels::Tensor;
-use kd_model::bert::{Activations, OutputGrads};
+use kd_model::bert::{Activations, OutputGrads, Outputs};
 
 use crate::batching::BatchTargets;
 use crate::losses;
@@ -23,6 +23,10 @@ pub struct Kd<'t> {
 }
 
 impl Objective for Kd<'_> {
+    fn student_outputs(&self) -> Outputs {
+        Outputs::Logits
+    }
+
     fn loss(&mut self, input: &StepInput, student: &Activations, grads: &mut OutputGrads) -> Result<LossLog> {
         let teacher = self.teacher.logits(input)?;
         let mut log = LossLog::default();

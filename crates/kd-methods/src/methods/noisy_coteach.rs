@@ -23,7 +23,7 @@
 
 use kd_kernels::rng::mix64;
 use kd_kernels::{IdTensor, Tensor};
-use kd_model::bert::{Activations, Bert, ForwardMode, OutputGrads};
+use kd_model::bert::{Activations, Bert, ForwardMode, OutputGrads, Outputs};
 use kd_model::optim::Optimizer;
 use kd_model::BertWeights;
 
@@ -171,6 +171,10 @@ fn kd_on_kept(
 }
 
 impl Objective for CoTeach<'_> {
+    fn student_outputs(&self) -> Outputs {
+        Outputs::Logits
+    }
+
     fn loss(&mut self, input: &StepInput, student: &Activations, grads: &mut OutputGrads) -> Result<LossLog> {
         let labels = input
             .targets
@@ -182,7 +186,7 @@ impl Objective for CoTeach<'_> {
 
         // B's forward on the same batch.
         if self.acts.as_ref().is_none_or(|a| (a.batch, a.seq) != (batch.batch, batch.seq)) {
-            self.acts = Some(self.peer.activations(batch.batch, batch.seq)?);
+            self.acts = Some(self.peer.activations_for(batch.batch, batch.seq, Outputs::Logits)?);
         }
         let peer_acts = self.acts.as_mut().expect("made above");
         let mode = ForwardMode { train: true, seed: mix64(p.peer_seed.wrapping_add(input.step)), keep_scores: false };

@@ -14,7 +14,7 @@
 //! Classification only: a regression target has no class for the teacher to believe.
 
 use kd_kernels::{IdTensor, Tensor};
-use kd_model::bert::{Activations, OutputGrads};
+use kd_model::bert::{Activations, OutputGrads, Outputs};
 
 use crate::losses;
 use crate::methods::kd::TeacherLogits;
@@ -78,6 +78,10 @@ pub fn trust_weights(teacher_logits: &Tensor, labels: &IdTensor, trust_threshold
 }
 
 impl Objective for NoisyRelabel<'_> {
+    fn student_outputs(&self) -> Outputs {
+        Outputs::Logits
+    }
+
     fn loss(&mut self, input: &StepInput, student: &Activations, grads: &mut OutputGrads) -> Result<LossLog> {
         let labels = input
             .targets
