@@ -43,7 +43,8 @@ use super::gemm::{gemm_batched_cuda, gemm_cpu, gemm_cpu_strided, GemmDims, Mat, 
 use super::opt_rows_mut;
 use crate::cuda::{self, Module};
 use crate::device::CudaDevice;
-use crate::rng::uniform;
+use crate::rng::Uniforms;
+use crate::simd::{exp, with_avx2};
 use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
@@ -178,21 +179,25 @@ fn active_dropout(op: &'static str, dropout: Option<AttentionDropout>) -> Result
     Ok(dropout.filter(|d| d.p > 0.0))
 }
 
-/// The factor map element `index` is multiplied by: 0 when dropped, `1 / (1 - p)` when kept,
-/// exactly 1 without dropout.
-fn keep_factor(dropout: Option<AttentionDropout>, index: usize) -> f32 {
-    match dropout {
-        Some(d) if uniform(d.seed, index as u64) < d.p => 0.0,
-        Some(d) => 1.0 / (1.0 - d.p),
-        None => 1.0,
+/// `x[j] *= keep(first + j)` along a map row, `keep(i)` being the factor map element `i` is
+/// multiplied by: 0 when dropped (`uniform(seed, i) < p`), `1 / (1 - p)` when kept, exactly 1
+/// without dropout. The draws are made as runs of [`Uniforms`].
+fn scale_by_keep(x: &mut [f32], dropout: Option<AttentionDropout>, first: usize) {
+    const SEGMENT: usize = 256;
+    let Some(d) = dropout else { return };
+    let (uniforms, scale) = (Uniforms::new(d.seed), 1.0 / (1.0 - d.p));
+    let mut u = [0.0f32; SEGMENT];
+    for (s, x) in x.chunks_mut(SEGMENT).enumerate() {
+        let u = &mut u[..x.len()];
+        uniforms.fill((first + s * SEGMENT) as u64, u);
+        x.iter_mut().zip(&*u).for_each(|(x, &u)| *x *= if u < d.p { 0.0 } else { scale });
     }
 }
 
-/// `dropped[j] = p[j] * keep_factor(j)` for the map row starting at flat index `row`.
+/// `dropped[j] = p[j] * keep(row + j)` for the map row starting at flat index `row`.
 fn drop_row(dropped: &mut [f32], p: &[f32], dropout: Option<AttentionDropout>, row: usize) {
-    for (j, (d, &pj)) in dropped.iter_mut().zip(p).enumerate() {
-        *d = pj * keep_factor(dropout, row + j);
-    }
+    dropped.copy_from_slice(p);
+    scale_by_keep(dropped, dropout, row);
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -796,22 +801,30 @@ fn flash_backward_cuda(
 /// Softmax of a row of scores in place; returns the row's (max, sum of `exp(x - max)`), the
 /// statistics from which [`probs_from_stats`] recomputes the same bits.
 fn softmax_in_place(x: &mut [f32]) -> (f32, f32) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for x in x.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|x| *x *= inv);
-    (max, sum)
+    with_avx2!(-> (f32, f32); x: &mut [f32] => {
+        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        // Eight running sums, added up in a fixed order at the end: vector lanes, same bits.
+        let mut lanes = [0.0f32; 8];
+        for chunk in x.chunks_mut(8) {
+            for (lane, x) in lanes.iter_mut().zip(chunk) {
+                *x = exp(*x - max);
+                *lane += *x;
+            }
+        }
+        let sum = lanes.iter().sum::<f32>();
+        let inv = 1.0 / sum;
+        x.iter_mut().for_each(|x| *x *= inv);
+        (max, sum)
+    })
 }
 
 /// The second half of [`softmax_in_place`] from its statistics: a row of scores becomes the
 /// probabilities, `exp(x - max) * (1 / sum)`.
 fn probs_from_stats(x: &mut [f32], max: f32, sum: f32) {
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|x| *x = (*x - max).exp() * inv);
+    with_avx2!(x: &mut [f32], max: f32, sum: f32 => {
+        let inv = 1.0 / sum;
+        x.iter_mut().for_each(|x| *x = exp(*x - max) * inv);
+    })
 }
 
 /// Backward: dq, dk, dv (`[B, L, H * Dh]`) accumulate. `dscores_extra` (`[B, H, L, L]`) is a
@@ -965,12 +978,8 @@ fn attention_backward_cpu(
             }
             gemm_cpu(ds, doh, vh.t(), 1.0, 0.0, Parallelism::None);
             for (i, (ds, p)) in ds.chunks_exact_mut(l).zip(probs.chunks_exact(l)).enumerate() {
-                if dropout.is_some() {
-                    // d(probs) = mask * (dout . v^T) / (1 - p): the same factors as the forward.
-                    for (j, ds) in ds.iter_mut().enumerate() {
-                        *ds *= keep_factor(dropout, rows(i) + j);
-                    }
-                }
+                // d(probs) = mask * (dout . v^T) / (1 - p): the same factors as the forward.
+                scale_by_keep(ds, dropout, rows(i));
                 let rowdot = dot(p, ds);
                 ds.iter_mut().zip(p).for_each(|(ds, &pj)| *ds = pj * (*ds - rowdot));
                 if let Some(e) = extra {

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::cuda::{self, Module};
 use crate::ops::bias::elements;
-use crate::simd::with_avx2;
+use crate::simd::{exp, with_avx2};
 use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Result, Tensor};
 
@@ -128,31 +128,6 @@ fn gelu_grad_slice(dx: &mut [f32], dout: &[f32], x: &[f32]) {
             *d += g * gelu_grad(v);
         }
     })
-}
-
-/// `e^x` for `x <= 88`, flushed to 0 below -87: Cephes' `expf`, `2^n * p(r)` with `|r| <= ln(2) / 2`
-/// (relative error about 1e-7).
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    let xc = if x < -87.0 { -87.0 } else { x };
-    // Adding 1.5 * 2^23 rounds to an integer n and leaves n in the low mantissa bits, no conversion.
-    let k = xc * std::f32::consts::LOG2_E + 12_582_912.0;
-    let n = k - 12_582_912.0;
-    // ln 2 in two parts (Cody-Waite): n * 0.693359375 is exact.
-    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = 1.987_569_2e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 0.166_666_65;
-    let p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let two_n = f32::from_bits((k.to_bits() << 23).wrapping_add(127 << 23));
-    if x < -87.0 {
-        0.0
-    } else {
-        y * two_n
-    }
 }
 
 /// `Phi(x)`, the standard normal CDF.
