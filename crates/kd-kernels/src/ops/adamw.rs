@@ -7,6 +7,7 @@ use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
 use crate::cuda::{self, Module};
+use crate::simd::with_avx2;
 use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
@@ -113,23 +114,27 @@ impl StepScalars {
 }
 
 fn adamw_step_cpu(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars) {
-    let &StepScalars { shrink, w1, w2, beta2, step_size, bc2_sqrt, eps } = s;
     param
         .par_chunks_mut(CHUNK)
         .zip(grad.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
-        .for_each(|(((p, g), m), v)| {
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                if let Some(s) = shrink {
-                    *p *= s;
-                }
-                *m = lerp(*m, g, w1);
-                *v = *v * beta2 + w2 * g * g;
-                let denom = v.sqrt() / bc2_sqrt + eps;
-                *p += -step_size * (*m / denom);
+        .for_each(|(((p, g), m), v)| adamw_chunk(p, g, m, v, s));
+}
+
+fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars) {
+    with_avx2!(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars => {
+        let &StepScalars { shrink, w1, w2, beta2, step_size, bc2_sqrt, eps } = s;
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            if let Some(s) = shrink {
+                *p *= s;
             }
-        });
+            *m = lerp(*m, g, w1);
+            *v = *v * beta2 + w2 * g * g;
+            let denom = v.sqrt() / bc2_sqrt + eps;
+            *p += -step_size * (*m / denom);
+        }
+    });
 }
 
 /// `torch.lerp`'s formula: it switches ends at weight 0.5 so that either end is hit exactly.
