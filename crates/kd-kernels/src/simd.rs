@@ -52,3 +52,22 @@ pub(crate) fn exp(x: f32) -> f32 {
         y * two_n
     }
 }
+
+/// `sum_i f(x_i)` in eight running sums (vector lanes) added up in a fixed order at the end:
+/// the same bits whatever the CPU.
+#[inline(always)]
+pub(crate) fn sum_lanes(x: &[f32], f: impl Fn(usize, f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for (c, chunk) in chunks.enumerate() {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            *lane += f(c * 8 + i, chunk[i]);
+        }
+    }
+    let start = x.len() - tail.len();
+    for (i, &v) in tail.iter().enumerate() {
+        lanes[i] += f(start + i, v);
+    }
+    lanes.iter().sum()
+}

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use crate::cuda::{self, Module};
 use crate::device::CudaDevice;
 use crate::ops::bias::ColumnSums;
+use crate::simd::{sum_lanes, with_avx2};
 use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Error, Result, Tensor};
 
@@ -93,6 +94,9 @@ fn check_shapes(op: &'static str, x: &Tensor, mean: &Tensor, rstd: &Tensor, gamm
     Ok(())
 }
 
+/// Rows per rayon task on the CPU: one row of a few hundred floats is too little to hand out.
+const ROWS_PER_TASK: usize = 16;
+
 fn layernorm_forward_cpu(
     out: &mut [f32],
     mean: &mut [f32],
@@ -103,37 +107,43 @@ fn layernorm_forward_cpu(
     eps: f32,
 ) {
     let d = gamma.len();
-    out.par_chunks_mut(d).zip(mean.par_iter_mut()).zip(rstd.par_iter_mut()).zip(x.par_chunks(d)).for_each(
-        |(((out, mean), rstd), x)| {
-            let m = x.iter().sum::<f32>() / d as f32;
-            let var = x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / d as f32;
-            let s = 1.0 / (var + eps).sqrt();
-            for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
-                *o = (v - m) * s * g + b;
-            }
-            *mean = m;
-            *rstd = s;
-        },
-    );
+    let rows = out.par_chunks_mut(d).zip(mean.par_iter_mut()).zip(rstd.par_iter_mut()).zip(x.par_chunks(d));
+    rows.with_min_len(ROWS_PER_TASK).for_each(|(((out, mean), rstd), x)| {
+        (*mean, *rstd) = layernorm_row(out, x, gamma, beta, eps);
+    });
+}
+
+/// One row of [`layernorm_forward_cpu`]; returns its (mean, rstd).
+fn layernorm_row(out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (f32, f32) {
+    with_avx2!(-> (f32, f32); out: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32 => {
+        let d = x.len() as f32;
+        let m = sum_lanes(x, |_, v| v) / d;
+        let var = sum_lanes(x, |_, v| (v - m) * (v - m)) / d;
+        let s = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
+            *o = (v - m) * s * g + b;
+        }
+        (m, s)
+    })
 }
 
 /// `dx += rstd * (g - mean(g) - xhat * mean(g * xhat))` per row, with `g = dout * gamma`.
 fn layernorm_dx_cpu(dx: &mut [f32], dout: &[f32], x: &[f32], mean: &[f32], rstd: &[f32], gamma: &[f32]) {
     let d = gamma.len();
-    dx.par_chunks_mut(d).zip(dout.par_chunks(d)).zip(x.par_chunks(d)).zip(mean.par_iter().zip(rstd)).for_each(
-        |(((dx, dout), x), (&m, &s))| {
-            let (mut g_sum, mut gx_sum) = (0f32, 0f32);
-            for ((&dy, &v), &gm) in dout.iter().zip(x).zip(gamma) {
-                let g = dy * gm;
-                g_sum += g;
-                gx_sum += g * (v - m) * s;
-            }
-            let (g_mean, gx_mean) = (g_sum / d as f32, gx_sum / d as f32);
-            for (((dx, &dy), &v), &gm) in dx.iter_mut().zip(dout).zip(x).zip(gamma) {
-                *dx += s * (dy * gm - g_mean - (v - m) * s * gx_mean);
-            }
-        },
-    );
+    let rows = dx.par_chunks_mut(d).zip(dout.par_chunks(d)).zip(x.par_chunks(d)).zip(mean.par_iter().zip(rstd));
+    rows.with_min_len(ROWS_PER_TASK).for_each(|(((dx, dout), x), (&m, &s))| layernorm_dx_row(dx, dout, x, m, s, gamma));
+}
+
+/// One row of [`layernorm_dx_cpu`].
+fn layernorm_dx_row(dx: &mut [f32], dout: &[f32], x: &[f32], m: f32, s: f32, gamma: &[f32]) {
+    with_avx2!(dx: &mut [f32], dout: &[f32], x: &[f32], m: f32, s: f32, gamma: &[f32] => {
+        let d = x.len() as f32;
+        let g_mean = sum_lanes(dout, |i, dy| dy * gamma[i]) / d;
+        let gx_mean = sum_lanes(dout, |i, dy| dy * gamma[i] * (x[i] - m) * s) / d;
+        for (((dx, &dy), &v), &gm) in dx.iter_mut().zip(dout).zip(x).zip(gamma) {
+            *dx += s * (dy * gm - g_mean - (v - m) * s * gx_mean);
+        }
+    })
 }
 
 /// `dgamma += sum_rows(dout * xhat)`, `dbeta += sum_rows(dout)`: each task owns a block of
