@@ -15,7 +15,7 @@
 //! the full `[N, D]` tensor, so training draws the full pass's masks too.
 
 use kd_kernels::ops::attention::{self, AttentionDropout};
-use kd_kernels::ops::{bias, dropout, embedding, gelu, gemm, layernorm};
+use kd_kernels::ops::{bias, cls_attention, dropout, embedding, gelu, gemm, layernorm};
 use kd_kernels::rng::mix64;
 use kd_kernels::{Device, IdTensor, Tensor};
 
@@ -125,6 +125,10 @@ pub struct LayerActivations {
 struct ClsRows {
     context: Tensor,
     input: Tensor,
+    /// On the CPU only the [CLS] rows' queries are computed and attend
+    /// (`ops::cls_attention`): `q` is `[B, D]` and `probs` `[B, H, L]`. On a GPU the full
+    /// attention runs and its [CLS] rows are gathered.
+    query_only: bool,
 }
 
 /// Everything a forward pass writes and its backward reads, for one `(B, L)`.
@@ -195,6 +199,9 @@ impl RowScratch {
 struct ClsScratch {
     rows: RowScratch,
     d_context: Tensor,
+    /// d(query) of the [CLS] rows, and its d(input), of a query-only layer.
+    dq: Tensor,
+    dx: Tensor,
 }
 
 /// Scratch gradients of the activations, reused across steps.
@@ -216,7 +223,12 @@ impl Scratch {
     fn new(config: &BertConfig, batch: usize, seq: usize, cls_tail: bool, device: &Device) -> Result<Self> {
         let (n, d) = (batch * seq, config.hidden_size);
         let cls = || -> Result<ClsScratch> {
-            Ok(ClsScratch { rows: RowScratch::new(config, batch, device)?, d_context: zeros(&[batch, d], device)? })
+            Ok(ClsScratch {
+                rows: RowScratch::new(config, batch, device)?,
+                d_context: zeros(&[batch, d], device)?,
+                dq: zeros(&[batch, d], device)?,
+                dx: zeros(&[batch, d], device)?,
+            })
         };
         Ok(Scratch {
             rows: RowScratch::new(config, n, device)?,
@@ -291,16 +303,22 @@ impl Activations {
         let num_layers = config.num_hidden_layers;
         let cls_tail = outputs != Outputs::All && num_layers > 0;
         // `rows`: the token rows of the post-attention half, N or the B [CLS] rows.
+        let query_only = matches!(device, Device::Cpu);
         let layer = |cls_only: bool| -> Result<LayerActivations> {
             let r = if cls_only { batch } else { n };
             let cls = || -> Result<ClsRows> {
-                Ok(ClsRows { context: zeros(&[batch, d], device)?, input: zeros(&[batch, d], device)? })
+                Ok(ClsRows { context: zeros(&[batch, d], device)?, input: zeros(&[batch, d], device)?, query_only })
+            };
+            let (q_shape, probs_shape) = if cls_only && query_only {
+                (vec![batch, d], vec![batch, h, seq])
+            } else {
+                (vec![batch, seq, d], vec![batch, h, seq, seq])
             };
             Ok(LayerActivations {
-                q: zeros(&[batch, seq, d], device)?,
+                q: zeros(&q_shape, device)?,
                 k: zeros(&[batch, seq, d], device)?,
                 v: zeros(&[batch, seq, d], device)?,
-                probs: zeros(&[batch, h, seq, seq], device)?,
+                probs: zeros(&probs_shape, device)?,
                 scores: None,
                 context: zeros(&[batch, seq, d], device)?,
                 stats: zeros(&[batch, h, seq, 2], device)?,
@@ -563,34 +581,48 @@ impl Bert {
             let row_step = mask_row_step(&acts.layers[buffers], acts.seq, cfg.hidden_size);
             let (x, out) = input_and_output(&mut acts.hidden, input, output);
             let a = &mut acts.layers[buffers];
-            // self-attention; q, k, v and the context are [B, L, D] views of [N, D] rows
-            linear(&mut a.q, x, &lw.query)?;
-            linear(&mut a.k, x, &lw.key)?;
-            linear(&mut a.v, x, &lw.value)?;
-            if mode.keep_scores && a.scores.is_none() {
-                a.scores = Some(zeros(a.probs.shape(), &x.device())?);
-            }
-            let scores = a.scores.as_mut().filter(|_| mode.keep_scores);
-            a.maps = mode.keep_scores || !flash;
-            attention::attention_forward_stats(
-                &mut a.context,
-                &mut a.stats,
-                a.maps.then_some(&mut a.probs),
-                scores,
-                &a.q,
-                &a.k,
-                &a.v,
-                &batch.mask,
-                attention_dropout(cfg, mode, l),
-            )?;
-            // The rest of the layer is row-wise: a logits-only last layer runs it on [CLS] rows.
+            let dropout = attention_dropout(cfg, mode, l);
+            // self-attention; q, k, v and the context are [B, L, D] views of [N, D] rows, and
+            // the rest of the layer is row-wise: a logits-only last layer runs it on [CLS] rows.
             let (context, x) = match &mut a.cls {
-                Some(rows) => {
-                    embedding::embedding_forward(&mut rows.context, &batch.cls_rows, &a.context, false)?;
+                Some(rows) if rows.query_only => {
                     embedding::embedding_forward(&mut rows.input, &batch.cls_rows, x, false)?;
+                    linear(&mut a.q, &rows.input, &lw.query)?;
+                    linear(&mut a.k, x, &lw.key)?;
+                    linear(&mut a.v, x, &lw.value)?;
+                    let (q, k, v, mask) = (&a.q, &a.k, &a.v, &batch.mask);
+                    cls_attention::cls_attention_forward(&mut rows.context, &mut a.probs, q, k, v, mask, dropout)?;
                     (&rows.context, &rows.input)
                 }
-                None => (&a.context, x),
+                cls => {
+                    linear(&mut a.q, x, &lw.query)?;
+                    linear(&mut a.k, x, &lw.key)?;
+                    linear(&mut a.v, x, &lw.value)?;
+                    if mode.keep_scores && a.scores.is_none() {
+                        a.scores = Some(zeros(a.probs.shape(), &x.device())?);
+                    }
+                    let scores = a.scores.as_mut().filter(|_| mode.keep_scores);
+                    a.maps = mode.keep_scores || !flash;
+                    attention::attention_forward_stats(
+                        &mut a.context,
+                        &mut a.stats,
+                        a.maps.then_some(&mut a.probs),
+                        scores,
+                        &a.q,
+                        &a.k,
+                        &a.v,
+                        &batch.mask,
+                        dropout,
+                    )?;
+                    match cls {
+                        Some(rows) => {
+                            embedding::embedding_forward(&mut rows.context, &batch.cls_rows, &a.context, false)?;
+                            embedding::embedding_forward(&mut rows.input, &batch.cls_rows, x, false)?;
+                            (&rows.context, &rows.input)
+                        }
+                        None => (&a.context, x),
+                    }
+                }
             };
             // attention output: dense, dropout, residual, LayerNorm (attention_output is scratch until the LN)
             linear(&mut a.attention_output, context, &lw.attention_output)?;
@@ -701,9 +733,9 @@ impl Bert {
             let (lw, g, a, x) = (&w.layers[l], &mut grads.layers[l], &acts.layers[l], &acts.hidden[l]);
             let row_step = mask_row_step(a, acts.seq, cfg.hidden_size);
             let Scratch { rows, cls, dh_prev, d_context, dq, dk, dv, .. } = &mut *s;
-            // The post-attention half's rows, and for a [CLS]-only layer its context rows.
+            // The post-attention half's rows, and for a [CLS]-only layer its own buffers.
             let (r, cls_rows) = match (&a.cls, cls) {
-                (Some(rows), Some(cls)) => (&mut cls.rows, Some((rows, &mut cls.d_context))),
+                (Some(rows), Some(ClsScratch { rows: r, d_context, dq, dx })) => (r, Some((rows, d_context, dq, dx))),
                 _ => (rows, None),
             };
             // r.dh is d(hidden[l + 1]); out = LN2(dropout(ffn_out) + attention_output)
@@ -746,43 +778,69 @@ impl Bert {
             let seed = site_seed(mode.seed, site_attention_output(l));
             dropout::dropout_backward_rows(&mut r.d_tmp, &r.d_res, p_hidden, seed, row_step)?;
             dh_prev.fill(0.0)?;
-            d_context.fill(0.0)?;
-            match cls_rows {
-                Some((rows, d_context_rows)) => {
-                    // Back from the [CLS] rows to all N: the other rows had no post-attention half.
-                    embedding::embedding_backward(dh_prev, &r.d_res, &batch.cls_rows)?;
-                    d_context_rows.fill(0.0)?;
-                    let g_out = &mut g.attention_output;
-                    linear_back(Some(d_context_rows), g_out, &r.d_tmp, &rows.context, &lw.attention_output)?;
-                    embedding::embedding_backward(d_context, d_context_rows, &batch.cls_rows)?;
-                }
-                None => {
-                    bias::add_inplace(dh_prev, &r.d_res)?;
-                    let g_out = &mut g.attention_output;
-                    linear_back(Some(d_context), g_out, &r.d_tmp, &a.context, &lw.attention_output)?;
-                }
-            }
             if let Some(extra) = &out_grads.hidden[l] {
                 bias::add_inplace(dh_prev, extra)?;
             }
-            for t in [&mut *dq, &mut *dk, &mut *dv] {
-                t.fill(0.0)?;
-            }
-            let (d_scores, dropout) = (out_grads.scores[l].as_ref(), attention_dropout(cfg, mode, l));
-            if a.maps {
-                attention::attention_backward(dq, dk, dv, d_context, &a.q, &a.k, &a.v, &a.probs, d_scores, dropout)?;
-            } else if d_scores.is_some() {
-                return Err(Error::Shape("a gradient on the attention scores needs keep_scores in the forward".into()));
-            } else {
-                let (q, k, v, out, mask) = (&a.q, &a.k, &a.v, &a.context, &batch.mask);
-                attention::attention_backward_stats(dq, dk, dv, d_context, q, k, v, out, &a.stats, mask, dropout)?;
-            }
-            if let Some(extra) = &out_grads.qkv[l] {
-                for (d, e) in [&mut *dq, &mut *dk, &mut *dv].into_iter().zip(extra) {
-                    bias::add_inplace(d, e)?;
+            let (d_scores, d_qkv) = (out_grads.scores[l].as_ref(), out_grads.qkv[l].as_ref());
+            let dropout = attention_dropout(cfg, mode, l);
+            let g_out = &mut g.attention_output;
+            let query_only = match cls_rows {
+                Some((rows, cls_dc, cls_dq, cls_dx)) => {
+                    // Back from the [CLS] rows to all N: the other rows had no post-attention half.
+                    embedding::embedding_backward(dh_prev, &r.d_res, &batch.cls_rows)?;
+                    cls_dc.fill(0.0)?;
+                    linear_back(Some(cls_dc), g_out, &r.d_tmp, &rows.context, &lw.attention_output)?;
+                    if rows.query_only {
+                        if d_scores.is_some() || d_qkv.is_some() {
+                            return Err(Error::Shape(
+                                "a logits-only layer takes no attention-score or Q/K/V gradients".into(),
+                            ));
+                        }
+                        // Only the [CLS] queries attended: their gradient, and every key's and value's.
+                        for t in [&mut *cls_dq, &mut *dk, &mut *dv] {
+                            t.fill(0.0)?;
+                        }
+                        let (q, k, v, probs) = (&a.q, &a.k, &a.v, &a.probs);
+                        cls_attention::cls_attention_backward(cls_dq, dk, dv, cls_dc, q, k, v, probs, dropout)?;
+                        cls_dx.fill(0.0)?;
+                        linear_back(Some(cls_dx), &mut g.query, cls_dq, &rows.input, &lw.query)?;
+                        embedding::embedding_backward(dh_prev, cls_dx, &batch.cls_rows)?;
+                    } else {
+                        d_context.fill(0.0)?;
+                        embedding::embedding_backward(d_context, cls_dc, &batch.cls_rows)?;
+                    }
+                    rows.query_only
                 }
+                None => {
+                    bias::add_inplace(dh_prev, &r.d_res)?;
+                    d_context.fill(0.0)?;
+                    linear_back(Some(d_context), g_out, &r.d_tmp, &a.context, &lw.attention_output)?;
+                    false
+                }
+            };
+            if !query_only {
+                for t in [&mut *dq, &mut *dk, &mut *dv] {
+                    t.fill(0.0)?;
+                }
+                if a.maps {
+                    attention::attention_backward(
+                        dq, dk, dv, d_context, &a.q, &a.k, &a.v, &a.probs, d_scores, dropout,
+                    )?;
+                } else if d_scores.is_some() {
+                    return Err(Error::Shape(
+                        "a gradient on the attention scores needs keep_scores in the forward".into(),
+                    ));
+                } else {
+                    let (q, k, v, out, mask) = (&a.q, &a.k, &a.v, &a.context, &batch.mask);
+                    attention::attention_backward_stats(dq, dk, dv, d_context, q, k, v, out, &a.stats, mask, dropout)?;
+                }
+                if let Some(extra) = d_qkv {
+                    for (d, e) in [&mut *dq, &mut *dk, &mut *dv].into_iter().zip(extra) {
+                        bias::add_inplace(d, e)?;
+                    }
+                }
+                linear_back(Some(dh_prev), &mut g.query, dq, x, &lw.query)?;
             }
-            linear_back(Some(dh_prev), &mut g.query, dq, x, &lw.query)?;
             linear_back(Some(dh_prev), &mut g.key, dk, x, &lw.key)?;
             linear_back(Some(dh_prev), &mut g.value, dv, x, &lw.value)?;
             std::mem::swap(&mut s.rows.dh, &mut s.dh_prev);

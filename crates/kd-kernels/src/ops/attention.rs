@@ -172,7 +172,7 @@ pub struct AttentionDropout {
 
 /// Validates `dropout` and drops it when it would keep everything, so that `p = 0` takes
 /// exactly the no-dropout path.
-fn active_dropout(op: &'static str, dropout: Option<AttentionDropout>) -> Result<Option<AttentionDropout>> {
+pub(super) fn active_dropout(op: &'static str, dropout: Option<AttentionDropout>) -> Result<Option<AttentionDropout>> {
     if let Some(d) = dropout {
         check_p(op, d.p)?;
     }
@@ -182,7 +182,7 @@ fn active_dropout(op: &'static str, dropout: Option<AttentionDropout>) -> Result
 /// `x[j] *= keep(first + j)` along a map row, `keep(i)` being the factor map element `i` is
 /// multiplied by: 0 when dropped (`uniform(seed, i) < p`), `1 / (1 - p)` when kept, exactly 1
 /// without dropout. The draws are made as runs of [`Uniforms`].
-fn scale_by_keep(x: &mut [f32], dropout: Option<AttentionDropout>, first: usize) {
+pub(super) fn scale_by_keep(x: &mut [f32], dropout: Option<AttentionDropout>, first: usize) {
     const SEGMENT: usize = 256;
     let Some(d) = dropout else { return };
     let (uniforms, scale) = (Uniforms::new(d.seed), 1.0 / (1.0 - d.p));
@@ -200,7 +200,7 @@ fn drop_row(dropped: &mut [f32], p: &[f32], dropout: Option<AttentionDropout>, r
     scale_by_keep(dropped, dropout, row);
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
@@ -800,7 +800,7 @@ fn flash_backward_cuda(
 
 /// Softmax of a row of scores in place; returns the row's (max, sum of `exp(x - max)`), the
 /// statistics from which [`probs_from_stats`] recomputes the same bits.
-fn softmax_in_place(x: &mut [f32]) -> (f32, f32) {
+pub(super) fn softmax_in_place(x: &mut [f32]) -> (f32, f32) {
     with_avx2!(-> (f32, f32); x: &mut [f32] => {
         let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
         // Eight running sums, added up in a fixed order at the end: vector lanes, same bits.

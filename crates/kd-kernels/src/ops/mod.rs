@@ -2,6 +2,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod bias;
+pub mod cls_attention;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
