@@ -2,7 +2,10 @@
 mod common;
 
 use common::*;
-use kd_kernels::ops::dropout::{dropout_backward, dropout_backward_rows, dropout_forward, dropout_forward_rows};
+use kd_kernels::ops::bias::add_inplace;
+use kd_kernels::ops::dropout::{
+    dropout_backward, dropout_backward_rows, dropout_forward, dropout_forward_rows, dropout_residual_forward_rows,
+};
 use kd_kernels::rng::{uniform, Rng};
 use kd_kernels::Error;
 
@@ -56,6 +59,26 @@ fn row_addressed_masks_match_the_full_tensor_rows() {
     let err =
         dropout_forward_rows(&mut tensor(&[0.0; 6], &[2, 3]), &tensor(&[1.0; 6], &[2, 3]), 0.1, 1, 2).unwrap_err();
     assert!(err.to_string().contains("apart"), "{err}");
+}
+
+/// The fused residual form is dropout then the residual add, bit for bit, across task chunks
+/// and row-addressed masks.
+#[test]
+fn residual_form_is_dropout_then_add() {
+    let mut rng = Rng::new(9);
+    for (rows, d, row_step, p) in [(3, 7, 7, 0.0), (40, 1000, 1000, 0.1), (5, 384, 64 * 384, 0.3)] {
+        let (x, r) = (randn(&mut rng, rows * d, 1.0), randn(&mut rng, rows * d, 1.0));
+        let (x, r) = (tensor(&x, &[rows, d]), tensor(&r, &[rows, d]));
+        let mut want = zeros(&[rows, d]);
+        dropout_forward_rows(&mut want, &x, p, 5, row_step).unwrap();
+        add_inplace(&mut want, &r).unwrap();
+        let mut got = tensor(&vec![f32::NAN; rows * d], &[rows, d]);
+        dropout_residual_forward_rows(&mut got, &x, &r, p, 5, row_step).unwrap();
+        assert_eq!(got.to_vec().unwrap(), want.to_vec().unwrap(), "{rows}x{d} step {row_step} p {p}");
+    }
+    let (x, bad) = (zeros(&[2, 3]), zeros(&[3, 2]));
+    let err = dropout_residual_forward_rows(&mut zeros(&[2, 3]), &x, &bad, 0.1, 1, 3).unwrap_err();
+    assert!(err.to_string().contains("residual"), "{err}");
 }
 
 #[test]

@@ -627,8 +627,8 @@ impl Bert {
             // attention output: dense, dropout, residual, LayerNorm (attention_output is scratch until the LN)
             linear(&mut a.attention_output, context, &lw.attention_output)?;
             let seed = site_seed(mode.seed, site_attention_output(l));
-            dropout::dropout_forward_rows(&mut a.attn_residual, &a.attention_output, p_hidden, seed, row_step)?;
-            bias::add_inplace(&mut a.attn_residual, x)?;
+            let (attn_out, res) = (&a.attention_output, &mut a.attn_residual);
+            dropout::dropout_residual_forward_rows(res, attn_out, x, p_hidden, seed, row_step)?;
             let ln1 = &lw.attention_layer_norm;
             layer_norm(&mut a.attention_output, &mut a.ln1_mean, &mut a.ln1_rstd, &a.attn_residual, ln1, eps)?;
             // feed-forward: dense, GELU, dense, dropout, residual, LayerNorm (out is scratch until the LN)
@@ -636,8 +636,14 @@ impl Bert {
             gelu::gelu_forward(&mut a.intermediate, &a.intermediate_pre)?;
             linear(out, &a.intermediate, &lw.output)?;
             let seed = site_seed(mode.seed, site_ffn_output(l));
-            dropout::dropout_forward_rows(&mut a.ffn_residual, out, p_hidden, seed, row_step)?;
-            bias::add_inplace(&mut a.ffn_residual, &a.attention_output)?;
+            dropout::dropout_residual_forward_rows(
+                &mut a.ffn_residual,
+                out,
+                &a.attention_output,
+                p_hidden,
+                seed,
+                row_step,
+            )?;
             layer_norm(out, &mut a.ln2_mean, &mut a.ln2_rstd, &a.ffn_residual, &lw.output_layer_norm, eps)?;
         }
 
@@ -753,9 +759,9 @@ impl Bert {
             )?;
             r.d_a.fill(0.0)?;
             bias::add_inplace(&mut r.d_a, &r.d_res)?;
-            r.d_tmp.fill(0.0)?;
+            // Dropout's backward into a fresh buffer is its forward: the same mask and scale.
             let seed = site_seed(mode.seed, site_ffn_output(l));
-            dropout::dropout_backward_rows(&mut r.d_tmp, &r.d_res, p_hidden, seed, row_step)?;
+            dropout::dropout_forward_rows(&mut r.d_tmp, &r.d_res, p_hidden, seed, row_step)?;
             r.d_inter.fill(0.0)?;
             linear_back(Some(&mut r.d_inter), &mut g.output, &r.d_tmp, &a.intermediate, &lw.output)?;
             r.d_inter_pre.fill(0.0)?;
@@ -774,9 +780,8 @@ impl Bert {
                 &a.ln1_rstd,
                 &lw.attention_layer_norm.weight,
             )?;
-            r.d_tmp.fill(0.0)?;
             let seed = site_seed(mode.seed, site_attention_output(l));
-            dropout::dropout_backward_rows(&mut r.d_tmp, &r.d_res, p_hidden, seed, row_step)?;
+            dropout::dropout_forward_rows(&mut r.d_tmp, &r.d_res, p_hidden, seed, row_step)?;
             dh_prev.fill(0.0)?;
             if let Some(extra) = &out_grads.hidden[l] {
                 bias::add_inplace(dh_prev, extra)?;

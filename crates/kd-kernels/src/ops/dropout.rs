@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::cuda::{self, Module};
 use crate::device::CudaDevice;
-use crate::ops::bias::elements;
+use crate::ops::bias::{add_inplace, elements};
 use crate::rng::Uniforms;
 use crate::simd::with_avx2;
 use crate::tensor::cuda_err;
@@ -41,10 +41,40 @@ pub fn dropout_forward_rows(out: &mut Tensor, x: &Tensor, p: f32, seed: u64, row
     match common_device(OP, &[out, x])? {
         Device::Cpu => {
             let x = x.cpu()?;
-            dropout_cpu(out.cpu_mut()?, x, mask, false);
+            dropout_cpu(out.cpu_mut()?, x, mask, Write::Overwrite);
             Ok(())
         }
         Device::Cuda(dev) => dropout_cuda(OP, &dev, out, x, mask, false),
+    }
+}
+
+/// `out = dropout(x) + residual` in one pass (a transformer layer's residual branches), with
+/// rows `row_step` mask indices apart as in [`dropout_forward_rows`]; the same bits as
+/// [`dropout_forward_rows`] followed by `bias::add_inplace(out, residual)`, which is what it
+/// launches on a GPU.
+pub fn dropout_residual_forward_rows(
+    out: &mut Tensor,
+    x: &Tensor,
+    residual: &Tensor,
+    p: f32,
+    seed: u64,
+    row_step: usize,
+) -> Result<()> {
+    const OP: &str = "dropout_residual_forward";
+    check(OP, x, p, row_step)?;
+    expect_shape(OP, "out", out, x.shape())?;
+    expect_shape(OP, "residual", residual, x.shape())?;
+    let mask = Mask { p, seed, row_len: x.last_dim(), row_step };
+    match common_device(OP, &[out, x, residual])? {
+        Device::Cpu => {
+            let (x, residual) = (x.cpu()?, residual.cpu()?);
+            dropout_cpu(out.cpu_mut()?, x, mask, Write::PlusResidual(residual));
+            Ok(())
+        }
+        Device::Cuda(dev) => {
+            dropout_cuda(OP, &dev, out, x, mask, false)?;
+            add_inplace(out, residual)
+        }
     }
 }
 
@@ -57,7 +87,7 @@ pub fn dropout_backward_rows(dx: &mut Tensor, dout: &Tensor, p: f32, seed: u64, 
     match common_device(OP, &[dx, dout])? {
         Device::Cpu => {
             let dout = dout.cpu()?;
-            dropout_cpu(dx.cpu_mut()?, dout, mask, true);
+            dropout_cpu(dx.cpu_mut()?, dout, mask, Write::Accumulate);
             Ok(())
         }
         Device::Cuda(dev) => dropout_cuda(OP, &dev, dx, dout, mask, true),
@@ -88,9 +118,19 @@ pub(crate) fn check_p(op: &'static str, p: f32) -> Result<()> {
     Ok(())
 }
 
-/// `dst[i] = src[i] * mask_i / (1 - p)`, or `+=` when `accumulate` (the backward), in segments
-/// that stay within one row, so each draws its mask indices as one contiguous run.
-fn dropout_cpu(dst: &mut [f32], src: &[f32], mask: Mask, accumulate: bool) {
+/// How [`dropout_cpu`] writes the dropped values.
+#[derive(Clone, Copy)]
+enum Write<'a> {
+    Overwrite,
+    /// `+=`: the backward.
+    Accumulate,
+    /// `= dropped + residual[i]`.
+    PlusResidual(&'a [f32]),
+}
+
+/// `dst[i] = src[i] * mask_i / (1 - p)`, written as `write` says, in segments that stay within
+/// one row, so each draws its mask indices as one contiguous run.
+fn dropout_cpu(dst: &mut [f32], src: &[f32], mask: Mask, write: Write) {
     let Mask { p, seed, row_len, row_step } = mask;
     let scale = 1.0 / (1.0 - p);
     let uniforms = Uniforms::new(seed);
@@ -105,20 +145,26 @@ fn dropout_cpu(dst: &mut [f32], src: &[f32], mask: Mask, accumulate: bool) {
                 uniforms.fill((row * row_step + col) as u64, u);
             }
             let (d, rest) = std::mem::take(&mut dst).split_at_mut(len);
-            apply(d, &src[..len], u, p, scale, accumulate);
+            let write = match write {
+                Write::PlusResidual(r) => Write::PlusResidual(&r[i..][..len]),
+                other => other,
+            };
+            apply(d, &src[..len], u, p, scale, write);
             (dst, src, i) = (rest, &src[len..], i + len);
         }
     });
 }
 
-/// `dst = src * scale where u >= p, else 0` (or `+=`); `p = 0` keeps all, `u` unread.
-fn apply(dst: &mut [f32], src: &[f32], u: &[f32], p: f32, scale: f32, accumulate: bool) {
-    with_avx2!(dst: &mut [f32], src: &[f32], u: &[f32], p: f32, scale: f32, accumulate: bool => {
+/// `dst = src * scale where u >= p, else 0`, written as `write` says; `p = 0` keeps all, `u`
+/// unread.
+fn apply(dst: &mut [f32], src: &[f32], u: &[f32], p: f32, scale: f32, write: Write) {
+    with_avx2!(dst: &mut [f32], src: &[f32], u: &[f32], p: f32, scale: f32, write: Write => {
         let kept = |s: f32, u: f32| if p == 0.0 || u >= p { s * scale } else { 0.0 };
-        if accumulate {
-            dst.iter_mut().zip(src).zip(u).for_each(|((d, &s), &u)| *d += kept(s, u));
-        } else {
-            dst.iter_mut().zip(src).zip(u).for_each(|((d, &s), &u)| *d = kept(s, u));
+        let values = dst.iter_mut().zip(src).zip(u);
+        match write {
+            Write::Overwrite => values.for_each(|((d, &s), &u)| *d = kept(s, u)),
+            Write::Accumulate => values.for_each(|((d, &s), &u)| *d += kept(s, u)),
+            Write::PlusResidual(r) => values.zip(r).for_each(|(((d, &s), &u), &r)| *d = kept(s, u) + r),
         }
     });
 }
