@@ -20,6 +20,10 @@ What is not (and cannot be): the new head's initial weights (kd draws them from 
 generator, here torch's normal(0, initializer_range) under torch.manual_seed(seed)), the dropout
 masks, and float rounding; so runs of the two agree in distribution, not bit for bit.
 
+With --teacher-logits FILE (a safetensors file whose `logits` [N, C] are a teacher's logits for
+the --max-train rows in order: the cache `kd-cli distill --method kd` writes under
+~/.cache/kd/teacher-logits) it is the peer of `kd-cli distill --method kd` instead: loss =
+(1 - alpha) * CE + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)), batch mean.
 Timing: `seconds` is the training loop (all epochs) only; `eval_seconds` is the final dev
 evaluation. kd-cli's `seconds` spans its loop including the final dev evaluation and its
 checkpoint writes, so compare it with seconds + eval_seconds.
@@ -27,6 +31,7 @@ checkpoint writes, so compare it with seconds + eval_seconds.
 Usage: python3 scripts/finetune_torch.py [--model DIR] [--data GLUE/SST-2] [--seed 42]
        [--max-train 4000] [--epochs 2] [--batch 32] [--lr 5e-5] [--max-len 64] [--warmup 0.1]
        [--weight-decay 0.01] [--max-grad-norm 1.0] [--threads 2] [--device cpu|cuda]
+       [--teacher-logits FILE [--alpha 0.5] [--temperature 2.0]]
 Progress goes to stderr; the last line of stdout is one JSON object: task, split, seed,
 accuracy, examples (dev), train_examples, seconds, seconds_per_epoch, eval_seconds.
 Needs torch and transformers; without them it says so on stderr and exits with status 3.
@@ -141,6 +146,9 @@ def main():
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--teacher-logits", help="a teacher's logits for the training rows: distil instead of fine-tune")
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--temperature", type=float, default=2.0)
     args = ap.parse_args()
 
     try:
@@ -175,6 +183,13 @@ def main():
 
     train_ids, train_labels = encode(train_rows)
     dev_ids, dev_labels = encode(dev_rows)
+    teacher_logits = None
+    if args.teacher_logits:
+        from safetensors.torch import load_file
+
+        teacher_logits = load_file(args.teacher_logits)["logits"].to(args.device)
+        if teacher_logits.shape[0] != len(train_ids):
+            raise SystemExit(f"{args.teacher_logits}: {teacher_logits.shape[0]} rows for {len(train_ids)} training rows")
 
     model = BertForSequenceClassification.from_pretrained(
         args.model, num_labels=num_labels, attn_implementation="eager"
@@ -202,7 +217,16 @@ def main():
             input_ids, mask = collate(train_ids, positions)
             labels = torch.tensor([train_labels[i] for i in positions], device=args.device)
             input_ids, mask = input_ids.to(args.device), mask.to(args.device)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
+            loss = out.loss
+            if teacher_logits is not None:
+                t, a = args.temperature, args.alpha
+                soft = torch.nn.functional.kl_div(
+                    torch.log_softmax(out.logits / t, dim=-1),
+                    torch.softmax(teacher_logits[positions] / t, dim=-1),
+                    reduction="batchmean",
+                )
+                loss = (1 - a) * loss + a * t * t * soft
             loss.backward()
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
