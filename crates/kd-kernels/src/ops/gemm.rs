@@ -102,18 +102,16 @@ pub fn linear_forward(out: &mut Tensor, x: &Tensor, w: &Tensor, bias: Option<&Te
     match common_device(OP, &all)? {
         Device::Cpu => {
             let out = out.cpu_mut()?;
-            // The bias goes in first so the product can be added onto it in the same pass.
-            let beta = match bias {
-                Some(bias) => {
-                    let bias = bias.cpu()?;
-                    out.par_chunks_mut(d_out.max(1)).for_each(|row| row.copy_from_slice(bias));
-                    1.0
-                }
-                None => 0.0,
-            };
             let x_mat = Mat::new(x.cpu()?, rows, d_in, false);
             let w_t = Mat::new(w.cpu()?, d_out, d_in, true);
-            gemm_cpu(out, x_mat, w_t, 1.0, beta, all_threads());
+            // The product first, then the bias: the GEMM writes its output without reading it
+            // (prefilling the bias and adding the product onto it measured about 1% slower per
+            // standard step).
+            gemm_cpu(out, x_mat, w_t, 1.0, 0.0, all_threads());
+            if let Some(bias) = bias {
+                let bias = bias.cpu()?;
+                out.par_chunks_mut(d_out.max(1)).for_each(|row| row.iter_mut().zip(bias).for_each(|(o, &b)| *o += b));
+            }
             Ok(())
         }
         Device::Cuda(dev) => {
