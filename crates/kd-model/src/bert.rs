@@ -303,7 +303,7 @@ impl Activations {
         let num_layers = config.num_hidden_layers;
         let cls_tail = outputs != Outputs::All && num_layers > 0;
         // `rows`: the token rows of the post-attention half, N or the B [CLS] rows.
-        let query_only = matches!(device, Device::Cpu);
+        let query_only = cls_attention::cls_attention_runs_on(device);
         let layer = |cls_only: bool| -> Result<LayerActivations> {
             let r = if cls_only { batch } else { n };
             let cls = || -> Result<ClsRows> {
@@ -442,6 +442,12 @@ impl OutputGrads {
     }
 }
 
+/// `KD_FLASH_ATTENTION=1`, read once per process rather than on every forward.
+fn flash_asked_for() -> bool {
+    static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ASKED.get_or_init(|| std::env::var_os("KD_FLASH_ATTENTION").is_some_and(|v| v == "1"))
+}
+
 /// How far apart a layer's post-attention rows lie in its dropout masks' index space: `D` for
 /// all `N` rows, `L * D` for the [CLS] rows (the first of each example's `L`).
 fn mask_row_step(layer: &LayerActivations, seq: usize, d: usize) -> usize {
@@ -574,8 +580,8 @@ impl Bert {
         }
         // The flash kernels keep no maps: they run unless a loss reads the maps, and only when
         // asked for, until they have passed their parity tests on a GPU (docs/GPU.md).
-        let flash = std::env::var_os("KD_FLASH_ATTENTION").is_some_and(|v| v == "1")
-            && attention::flash_path(&self.device(), cfg.hidden_size / cfg.num_attention_heads);
+        let flash =
+            flash_asked_for() && attention::flash_path(&self.device(), cfg.hidden_size / cfg.num_attention_heads);
         for (l, lw) in w.layers.iter().enumerate() {
             let (input, output, buffers) = acts.slots(l);
             let row_step = mask_row_step(&acts.layers[buffers], acts.seq, cfg.hidden_size);

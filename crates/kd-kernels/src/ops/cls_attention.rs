@@ -54,11 +54,16 @@ impl Dims {
     }
 }
 
+/// Whether this op runs on `device`: the CPU only (on a GPU, `attention_forward` and a gather).
+pub fn cls_attention_runs_on(device: &Device) -> bool {
+    matches!(device, Device::Cpu)
+}
+
 fn cpu_only(op: &'static str, device: Device) -> Result<()> {
-    match device {
-        Device::Cpu => Ok(()),
-        Device::Cuda(_) => Err(Error::invalid(op, "runs on the CPU only (on a GPU, attention_forward and a gather)")),
+    if !cls_attention_runs_on(&device) {
+        return Err(Error::invalid(op, "runs on the CPU only (on a GPU, attention_forward and a gather)"));
     }
+    Ok(())
 }
 
 /// Forward: `out` and `probs` are overwritten.
