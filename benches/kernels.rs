@@ -13,8 +13,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Cr
 use kd_kernels::ops::attention::{
     attention_backward, attention_backward_stats, attention_forward, attention_forward_stats, flash_path,
 };
+use kd_kernels::ops::gelu::{gelu_backward, gelu_forward};
 use kd_kernels::ops::gemm::{matmul, MatmulSpec};
 use kd_kernels::ops::hidden_mse::hidden_mse;
+use kd_kernels::ops::layernorm::{layernorm_backward, layernorm_forward};
 use kd_kernels::ops::softmax_kl::{softmax_kl, KlForm, KlLogits, SoftmaxKl};
 use kd_kernels::rng::Rng;
 use kd_kernels::{Bf16Tensor, Device, Tensor};
@@ -171,6 +173,42 @@ fn bench_attention(c: &mut Criterion) {
     group.finish();
 }
 
+/// The element-wise and row ops around the GEMMs at MiniLM's shapes (2048 tokens): GELU over the
+/// feed-forward width, LayerNorm over the hidden width; throughput in elements.
+fn bench_rowwise(c: &mut Criterion) {
+    let mut group = c.benchmark_group("rowwise_fwd_bwd");
+    group.sample_size(20);
+    for device in devices() {
+        let (n, i, d) = (2048usize, 1536usize, 384usize);
+        let x = randn(&[n, i], 1.0, 3, &device);
+        let (mut y, mut dx) = (zeros(&[n, i], &device), zeros(&[n, i], &device));
+        group.throughput(Throughput::Elements((n * i) as u64));
+        group.bench_function(BenchmarkId::new(format!("{device}"), format!("gelu {n}x{i}")), |b| {
+            b.iter_custom(|iters| {
+                timed(&device, iters, || {
+                    gelu_forward(&mut y, &x).unwrap();
+                    gelu_backward(&mut dx, &y, &x).unwrap();
+                })
+            })
+        });
+        let (x, g) = (randn(&[n, d], 1.0, 4, &device), randn(&[n, d], 1.0, 5, &device));
+        let (gamma, beta) = (randn(&[d], 1.0, 6, &device), randn(&[d], 1.0, 7, &device));
+        let (mut y, mut dx) = (zeros(&[n, d], &device), zeros(&[n, d], &device));
+        let (mut mean, mut rstd) = (zeros(&[n], &device), zeros(&[n], &device));
+        let (mut dgamma, mut dbeta) = (zeros(&[d], &device), zeros(&[d], &device));
+        group.throughput(Throughput::Elements((n * d) as u64));
+        group.bench_function(BenchmarkId::new(format!("{device}"), format!("layernorm {n}x{d}")), |b| {
+            b.iter_custom(|iters| {
+                timed(&device, iters, || {
+                    layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &gamma, &beta, 1e-12).unwrap();
+                    layernorm_backward(&mut dx, &mut dgamma, &mut dbeta, &g, &x, &mean, &rstd, &gamma).unwrap();
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 fn bench_gemm(c: &mut Criterion) {
     let mut group = c.benchmark_group("gemm");
     group.sample_size(20);
@@ -189,5 +227,5 @@ fn bench_gemm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_softmax_kl, bench_hidden_mse, bench_attention);
+criterion_group!(benches, bench_gemm, bench_rowwise, bench_softmax_kl, bench_hidden_mse, bench_attention);
 criterion_main!(benches);
