@@ -2,7 +2,8 @@
 mod common;
 
 use common::*;
-use kd_kernels::ops::gelu::{gelu_backward, gelu_forward, tanh_backward, tanh_forward};
+use kd_kernels::ops::bias::add_bias_inplace;
+use kd_kernels::ops::gelu::{bias_gelu_forward, gelu_backward, gelu_forward, tanh_backward, tanh_forward};
 use kd_kernels::rng::Rng;
 use kd_kernels::Error;
 
@@ -43,6 +44,27 @@ fn forward_matches_tabulated_left_tail() {
     gelu_forward(&mut out, &tensor(&x, &[3])).unwrap();
     let want: Vec<f64> = cases.iter().map(|c| c.1).collect();
     assert_close("gelu tail", out.cpu().unwrap(), &want, 1e-6, 0.0);
+}
+
+#[test]
+fn bias_gelu_is_bias_then_gelu_bit_for_bit() {
+    let mut rng = Rng::new(5);
+    // More rows than one task takes, and a row width that is not a multiple of 8.
+    for (rows, width) in [(3, 1), (40, 1536), (23, 37)] {
+        let (product, bias) = (randn(&mut rng, rows * width, 2.0), randn(&mut rng, width, 1.0));
+        let (shape, bias) = ([rows, width], tensor(&bias, &[width]));
+        let mut pre = tensor(&product, &shape);
+        let mut out = tensor(&vec![f32::NAN; rows * width], &shape);
+        bias_gelu_forward(&mut out, &mut pre, &bias).unwrap();
+        let mut want_pre = tensor(&product, &shape);
+        add_bias_inplace(&mut want_pre, &bias).unwrap();
+        let mut want = zeros(&shape);
+        gelu_forward(&mut want, &want_pre).unwrap();
+        assert_eq!(pre.cpu().unwrap(), want_pre.cpu().unwrap(), "pre-activation, {rows}x{width}");
+        assert_eq!(out.cpu().unwrap(), want.cpu().unwrap(), "gelu, {rows}x{width}");
+    }
+    let r = bias_gelu_forward(&mut zeros(&[2, 4]), &mut zeros(&[2, 4]), &zeros(&[3]));
+    assert!(matches!(r, Err(Error::Shape { op: "bias_gelu_forward", .. })), "{r:?}");
 }
 
 #[test]

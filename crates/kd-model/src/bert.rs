@@ -638,8 +638,9 @@ impl Bert {
             let ln1 = &lw.attention_layer_norm;
             layer_norm(&mut a.attention_output, &mut a.ln1_mean, &mut a.ln1_rstd, &a.attn_residual, ln1, eps)?;
             // feed-forward: dense, GELU, dense, dropout, residual, LayerNorm (out is scratch until the LN)
-            linear(&mut a.intermediate_pre, &a.attention_output, &lw.intermediate)?;
-            gelu::gelu_forward(&mut a.intermediate, &a.intermediate_pre)?;
+            let ffn_in = &lw.intermediate;
+            gemm::linear_forward(&mut a.intermediate_pre, &a.attention_output, &ffn_in.weight, None)?;
+            gelu::bias_gelu_forward(&mut a.intermediate, &mut a.intermediate_pre, &ffn_in.bias)?;
             linear(out, &a.intermediate, &lw.output)?;
             let seed = site_seed(mode.seed, site_ffn_output(l));
             dropout::dropout_residual_forward_rows(

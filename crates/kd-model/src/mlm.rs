@@ -80,8 +80,8 @@ impl MlmHead {
         eps: f32,
     ) -> Result<()> {
         embedding::embedding_forward(&mut acts.x, &acts.rows, hidden, false)?;
-        gemm::linear_forward(&mut acts.pre, &acts.x, &self.transform.weight, Some(&self.transform.bias))?;
-        gelu::gelu_forward(&mut acts.act, &acts.pre)?;
+        gemm::linear_forward(&mut acts.pre, &acts.x, &self.transform.weight, None)?;
+        gelu::bias_gelu_forward(&mut acts.act, &mut acts.pre, &self.transform.bias)?;
         let ln = &self.layer_norm;
         layernorm::layernorm_forward(
             &mut acts.h,

@@ -138,7 +138,7 @@ pub(crate) fn expect_rows(op: &'static str, what: &str, t: &Tensor, rows: usize,
 }
 
 /// Errors unless `t` is `[.., D]` for the `[D]` vector `v`.
-fn expect_last_dim(op: &'static str, what: &str, t: &Tensor, v: &Tensor) -> Result<()> {
+pub(crate) fn expect_last_dim(op: &'static str, what: &str, t: &Tensor, v: &Tensor) -> Result<()> {
     if v.shape().len() != 1 || t.shape().is_empty() || t.last_dim() != v.numel() {
         return Err(Error::shape(
             op,

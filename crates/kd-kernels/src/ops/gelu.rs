@@ -14,7 +14,7 @@ use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
 use crate::cuda::{self, Module};
-use crate::ops::bias::elements;
+use crate::ops::bias::{add_bias_inplace, elements, expect_last_dim};
 use crate::simd::{exp, fma, with_avx2};
 use crate::tensor::cuda_err;
 use crate::{common_device, expect_shape, Device, Result, Tensor};
@@ -25,6 +25,31 @@ const CHUNK: usize = 1 << 14;
 /// `out = gelu(x)`.
 pub fn gelu_forward(out: &mut Tensor, x: &Tensor) -> Result<()> {
     map_forward("gelu_forward", "gelu_forward_f32", out, x, gelu_slice)
+}
+
+/// A dense layer's bias and GELU after its product: `pre += bias` (over the last axis), then
+/// `out = gelu(pre)`, `pre` keeping the pre-activation the backward reads. The same bits as
+/// `add_bias_inplace` then [`gelu_forward`], which is what it launches on a GPU; the CPU makes one
+/// pass over `pre` instead of two (a feed-forward's widest tensor, so about 1% of a training step).
+pub fn bias_gelu_forward(out: &mut Tensor, pre: &mut Tensor, bias: &Tensor) -> Result<()> {
+    const OP: &str = "bias_gelu_forward";
+    expect_shape(OP, "out", out, pre.shape())?;
+    expect_last_dim(OP, "pre", pre, bias)?;
+    match common_device(OP, &[out, pre, bias])? {
+        Device::Cpu => {
+            let (bias, width) = (bias.cpu()?, bias.numel().max(1));
+            let rows_per_task = (CHUNK / width).max(1) * width;
+            let (out, pre) = (out.cpu_mut()?, pre.cpu_mut()?);
+            out.par_chunks_mut(rows_per_task).zip(pre.par_chunks_mut(rows_per_task)).for_each(|(out, pre)| {
+                out.chunks_mut(width).zip(pre.chunks_mut(width)).for_each(|(out, pre)| bias_gelu_row(out, pre, bias))
+            });
+            Ok(())
+        }
+        Device::Cuda(_) => {
+            add_bias_inplace(pre, bias)?;
+            gelu_forward(out, pre)
+        }
+    }
 }
 
 /// `dx += dout * gelu'(x)`.
@@ -118,6 +143,16 @@ fn gelu_slice(out: &mut [f32], x: &[f32]) {
     with_avx2!(out: &mut [f32], x: &[f32] => {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = gelu(v);
+        }
+    })
+}
+
+/// `pre += bias; out = gelu(pre)` over one row.
+fn bias_gelu_row(out: &mut [f32], pre: &mut [f32], bias: &[f32]) {
+    with_avx2!(out: &mut [f32], pre: &mut [f32], bias: &[f32] => {
+        for ((o, p), &b) in out.iter_mut().zip(pre.iter_mut()).zip(bias) {
+            *p += b;
+            *o = gelu(*p);
         }
     })
 }
