@@ -86,17 +86,29 @@ fn tensor_sum_of_squares_cpu(x: &[f32]) -> f64 {
     partials.iter().sum()
 }
 
-/// In four running f64 sums added up in a fixed order at the end: vector lanes, same result
-/// whatever the CPU.
+/// In sixteen running f64 sums added up in a fixed order at the end: vector lanes, same result
+/// whatever the CPU. Sixteen, not four, so that four independent AVX2 accumulators hide the
+/// adds' latency (four lanes were one dependent chain: 1.5% of a standard step).
 fn chunk_sum_of_squares(x: &[f32]) -> f64 {
     with_avx2!(-> f64; x: &[f32] => {
-        let mut lanes = [0.0f64; 4];
-        for chunk in x.chunks(4) {
+        let mut lanes = [0.0f64; 16];
+        let mut chunks = x.chunks_exact(16);
+        for chunk in &mut chunks {
             for (lane, &v) in lanes.iter_mut().zip(chunk) {
                 *lane += v as f64 * v as f64;
             }
         }
-        (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+        for (lane, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+            *lane += v as f64 * v as f64;
+        }
+        let mut width = 16;
+        while width > 1 {
+            width /= 2;
+            for i in 0..width {
+                lanes[i] += lanes[i + width];
+            }
+        }
+        lanes[0]
     })
 }
 
