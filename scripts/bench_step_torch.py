@@ -7,8 +7,17 @@ A frozen teacher forward (eval mode, no grad), the student's forward and backwar
 biases and LayerNorm weights, as HF's Trainer groups them); one fixed batch of random token ids
 (seeded, special ids excluded), no padding.
 
+PyTorch at its best on a GPU is bf16 autocast + SDPA + torch.compile (kd's `--precision bf16` peer):
+  --precision bf16   runs both models' forwards (and the student's backward) under
+                     torch.autocast(bfloat16); weights, gradients and AdamW stay fp32
+  --attn sdpa        scaled_dot_product_attention (flash / memory-efficient kernels) instead of
+                     the eager attention that materialises the maps
+  --compile          torch.compile of both models (compile time is spent in the warm-up steps:
+                     give --warmup 3 or more)
+
 Usage: python3 scripts/bench_step_torch.py --teacher DIR --student DIR [--batch 32] [--seq 64]
        [--steps 10] [--warmup 1] [--device cpu|cuda] [--threads 2] [--seed 42]
+       [--precision fp32|bf16] [--attn eager|sdpa] [--compile]
 The last line of stdout is the JSON object kd-cli prints (same keys). Needs torch and transformers;
 without them it says so on stderr and exits with status 3.
 """
@@ -40,6 +49,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
 
     try:
@@ -59,11 +71,15 @@ def main():
     device = torch.device(args.device)
 
     def load(path):
-        return BertForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="eager").to(device)
+        return BertForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation=args.attn).to(device)
 
     teacher = load(args.teacher).eval()
     teacher.requires_grad_(False)
     student = load(args.student).train()
+    # The modules keep their parameters: the optimiser below sees the same tensors either way.
+    run_teacher = torch.compile(teacher) if args.compile else teacher
+    run_student = torch.compile(student) if args.compile else student
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     special = set(AutoTokenizer.from_pretrained(args.teacher).all_special_ids)
     special |= set(AutoTokenizer.from_pretrained(args.student).all_special_ids)
     allowed = torch.tensor([i for i in range(student.config.vocab_size) if i not in special])
@@ -95,11 +111,14 @@ def main():
             sync()
             marks.append(time.perf_counter())
 
-        with torch.no_grad():
-            t_logits = teacher(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        with torch.no_grad(), autocast:
+            t_logits = run_teacher(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
         lap()
-        s_logits = student(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        with autocast:
+            s_logits = run_student(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
         lap()
+        # The losses in fp32, as kd computes them (its softmax-KL accumulates in f32).
+        t_logits, s_logits = t_logits.float(), s_logits.float()
         ce = F.cross_entropy(s_logits, labels)
         kl = F.kl_div(
             F.log_softmax(s_logits / temperature, dim=-1),
@@ -122,7 +141,8 @@ def main():
         return value, marks[-1] - marks[0]
 
     print(
-        f"torch {torch.__version__}, {args.threads} threads, {device}: {args.batch} x {args.seq} tokens",
+        f"torch {torch.__version__}, {args.threads} threads, {device}: {args.batch} x {args.seq} tokens, "
+        f"{args.precision}, attention {args.attn}{', compiled' if args.compile else ''}",
         file=sys.stderr,
     )
     for i in range(args.warmup):
@@ -142,6 +162,9 @@ def main():
         "steps": args.steps,
         "warmup": args.warmup,
         "device": str(device),
+        "precision": args.precision,
+        "attn": args.attn,
+        "compile": args.compile,
         "phase_seconds": {k: v / args.steps for k, v in phases.items()},
     }
     print(json.dumps(result))

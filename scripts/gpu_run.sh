@@ -9,6 +9,11 @@
 #           standard distillation step, kd against PyTorch, on MiniLM-shaped models
 #   e2e     needs the MiniLM checkpoints in $KD_MODELS: their golden forward on CUDA, and the
 #           SST-2 recipe of issue 3 fine-tuned and distilled with --device cuda, kd and PyTorch
+#   verify  the GPU checks of issue 14 sized for one call of a 15-minute lease (~6 min on an H100):
+#           every parity test (bf16 conversion and softmax-KL, flash attention included), the
+#           tiny-BERT golden and bert_outputs on CUDA with and without KD_FLASH_ATTENTION=1, the
+#           softmax-KL and attention kernel benches, and kd-cli bench step against PyTorch fp32
+#           eager and PyTorch bf16 autocast + SDPA + torch.compile in the same call
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/kd-gpu}
@@ -78,10 +83,30 @@ e2e() {
         --student "$models/paraphrase-MiniLM-L3-v2" "${recipe[@]}" --seed 42 --device cuda --out /tmp/kd-student --json
 }
 
+verify() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+    step parity timeout 240 "$bin/cuda_parity" --test-threads 1
+    step golden_tiny timeout 60 "$bin/golden_bert" tiny_bert --test-threads 1
+    step bert_outputs timeout 60 "$bin/bert_outputs" --test-threads 1
+    step golden_tiny_flash env KD_FLASH_ATTENTION=1 timeout 60 "$bin/golden_bert" tiny_bert --test-threads 1
+    step bert_outputs_flash env KD_FLASH_ATTENTION=1 timeout 60 "$bin/bert_outputs" --test-threads 1
+    step bench_kernels timeout 150 "$bin/kernels" --bench '^(softmax_kl|attention)_fwd_bwd/cuda' --warm-up-time 1 \
+        --measurement-time 2
+    step random_models random_models
+    local pair=(--teacher /tmp/kd-random/all-MiniLM-L6-v2 --student /tmp/kd-random/paraphrase-MiniLM-L3-v2)
+    step step_kd timeout 60 "$bin/kd-cli" bench step "${pair[@]}" --device cuda --steps 20 --warmup 3 --json
+    step step_kd_flash env KD_FLASH_ATTENTION=1 timeout 60 "$bin/kd-cli" bench step "${pair[@]}" --device cuda \
+        --steps 20 --warmup 3 --json
+    step step_torch_fp32 timeout 90 python3 scripts/bench_step_torch.py "${pair[@]}" --device cuda --steps 20 --warmup 3
+    step step_torch_bf16 timeout 180 python3 scripts/bench_step_torch.py "${pair[@]}" --device cuda --steps 20 \
+        --warmup 5 --precision bf16 --attn sdpa --compile
+    step step_kd_again timeout 60 "$bin/kd-cli" bench step "${pair[@]}" --device cuda --steps 20 --warmup 3 --json
+}
+
 for phase in "$@"; do
     case $phase in
-        checks | bench | e2e) $phase ;;
-        *) echo "unknown phase $phase (checks, bench, e2e)" >&2; exit 2 ;;
+        checks | bench | e2e | verify) $phase ;;
+        *) echo "unknown phase $phase (checks, bench, e2e, verify)" >&2; exit 2 ;;
     esac
 done
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
