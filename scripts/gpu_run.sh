@@ -9,7 +9,7 @@
 #           standard distillation step, kd against PyTorch, on MiniLM-shaped models
 #   e2e     needs the MiniLM checkpoints in $KD_MODELS: their golden forward on CUDA, and the
 #           SST-2 recipe of issue 3 fine-tuned and distilled with --device cuda, kd and PyTorch
-#   verify  the GPU checks of issue 14 sized for one call of a 15-minute lease (~6 min on an H100):
+#   verify  the GPU checks of issue 14 in one call of a 15-minute lease, most important first:
 #           every parity test (bf16 conversion and softmax-KL, flash attention included), the
 #           tiny-BERT golden and bert_outputs on CUDA with and without KD_FLASH_ATTENTION=1, the
 #           softmax-KL and attention kernel benches, and kd-cli bench step against PyTorch fp32
