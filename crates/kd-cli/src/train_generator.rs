@@ -1,6 +1,7 @@
-//! `kd-cli train-generator`: MATE-KD's generator, an MLM head trained on a frozen encoder
-//! (`kd_methods::methods::generator`), saved as an HF `BertForMaskedLM` folder. A tenth of the
-//! text is held out to measure the masked-LM loss and accuracy before and after.
+//! `kd-cli train-generator`: MATE-KD's generator, an MLM head trained on a frozen encoder or
+//! (`--unfreeze`) the whole encoder with it (`kd_methods::methods::generator`), saved as an HF
+//! `BertForMaskedLM` folder. A tenth of the text is held out to measure the masked-LM loss and
+//! accuracy before and after.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -33,9 +34,10 @@ pub struct Args {
     /// Where the BertForMaskedLM folder goes.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// A text file, one text per line (blank lines are passed over), instead of a data set.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["task", "data", "train", "dev"])]
-    text: Option<PathBuf>,
+    /// Text files, one text per line (blank lines are passed over), instead of a data set:
+    /// `--text a.txt --text b.txt` or `--text a.txt,b.txt`.
+    #[arg(long, value_name = "FILE", value_delimiter = ',', conflicts_with_all = ["task", "data", "train", "dev"])]
+    text: Vec<PathBuf>,
     /// The training split's texts (labels ignored), when no --text is given.
     #[command(flatten)]
     data: DataArgs,
@@ -44,10 +46,18 @@ pub struct Args {
     /// Texts per optimiser step.
     #[arg(long, value_name = "N", default_value_t = 32)]
     batch: usize,
-    /// Peak learning rate of AdamW. Only the head learns, on fixed encoder features, so it takes
-    /// larger steps than BERT's 1e-4 of pre-training (which moves the whole encoder).
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f32,
+    /// Peak learning rate of AdamW. Default 1e-3 for the head alone (fixed encoder features allow
+    /// larger steps), 1e-4 with --unfreeze (BERT's pre-training rate, the whole encoder moving).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Texts to measure the masked-LM accuracy on (one a line), instead of a tenth of the
+    /// training text: e.g. the dev sentences, which share no phrase with SST-2's train phrases.
+    #[arg(long, value_name = "FILE")]
+    held_out: Option<PathBuf>,
+    /// Train the encoder and embeddings with the head (dropout on): the generator for encoders
+    /// that never had an MLM objective, such as MiniLM sentence encoders.
+    #[arg(long)]
+    unfreeze: bool,
     /// Seed of the head's initialisation, the held-out draw, the order and the masks.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -62,30 +72,42 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     ensure!(args.epochs > 0, "--epochs must be at least 1");
     ensure!(args.batch > 0, "--batch must be at least 1");
-    ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr must be a positive number");
+    ensure!(args.lr.is_none_or(|lr| lr > 0.0 && lr.is_finite()), "--lr must be a positive number");
     let device = device(&args.device)?;
     let model = ModelDir::open(&args.model)?;
     model.check_max_len(args.data.max_len)?;
     let masking = bert_masking(&model.tokenizer, &model.tokenizer_json)?;
-    let texts = match &args.text {
-        Some(path) => encode_texts(&read_lines(path)?, &model.tokenizer, args.data.max_len)?,
-        None => {
+    let texts = match args.text.as_slice() {
+        [] => {
             let data = args.data.options(None)?;
             let dataset =
                 data.source.load(Split::Train, Labels::Ignore, data.skip_bad_rows).context("loading the data")?;
             report_skipped(&dataset);
             encode_texts(&dataset, &model.tokenizer, data.max_len)?
         }
+        files => {
+            let mut texts = Vec::new();
+            for path in files {
+                texts.extend(encode_texts(&read_lines(path)?, &model.tokenizer, args.data.max_len)?);
+            }
+            texts
+        }
     };
-    let (train, held_out) = hold_out(texts, args.seed)?;
+    let (train, held_out) = match &args.held_out {
+        Some(path) => (texts, encode_texts(&read_lines(path)?, &model.tokenizer, args.data.max_len)?),
+        None => hold_out(texts, args.seed)?,
+    };
+    ensure!(!train.is_empty() && !held_out.is_empty(), "no text to train on or to evaluate on");
 
     let encoder = Bert::new(model.config.clone(), model.weights(&device)?);
     let mut generator = generator_from_encoder(&encoder, args.seed)?;
     // The generator holds a copy of the weights; a teacher-sized model need not stay twice.
     drop(encoder);
     let before = evaluate_mlm(&generator, &held_out, &masking, args.batch, args.seed)?;
-    let mut cfg = GeneratorConfig::new(masking.clone());
-    (cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed) = (args.epochs, args.batch, args.lr, args.seed);
+    let mut cfg =
+        if args.unfreeze { GeneratorConfig::unfrozen(masking.clone()) } else { GeneratorConfig::new(masking.clone()) };
+    (cfg.epochs, cfg.batch_size, cfg.seed) = (args.epochs, args.batch, args.seed);
+    cfg.lr = args.lr.unwrap_or(cfg.lr);
 
     let bar = progress_bar(train.len().div_ceil(args.batch) as u64 * args.epochs as u64, "train-generator")?;
     let report = train_generator(&mut generator, &train, &cfg, &mut |event| {
@@ -106,12 +128,14 @@ pub fn run(args: Args) -> Result<()> {
         let line = json!({
             "train_texts": train.len(), "held_out_texts": held_out.len(), "masked_tokens": before.tokens,
             "before": score(&before), "after": score(&after), "steps": report.steps, "seconds": report.seconds,
+            "unfreeze": cfg.unfreeze, "lr": cfg.lr, "epochs": cfg.epochs,
             "out": args.out.display().to_string(),
         });
         return crate::print_line(&line.to_string());
     }
     crate::print_line(&format!(
-        "trained the MLM head {} steps on {} texts in {:.1} s; saved a BertForMaskedLM to {}",
+        "trained {} {} steps on {} texts in {:.1} s; saved a BertForMaskedLM to {}",
+        if cfg.unfreeze { "the encoder and its MLM head" } else { "the MLM head" },
         report.steps,
         train.len(),
         report.seconds,

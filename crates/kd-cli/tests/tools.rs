@@ -318,6 +318,36 @@ fn train_generator_lowers_the_held_out_mlm_loss_and_saves_a_masked_lm() {
 }
 
 #[test]
+fn train_generator_unfrozen_moves_the_encoder_and_measures_on_held_out_text() {
+    let dir = scratch("generator-unfrozen");
+    let (Some(model), Some(glue)) = (student(), asset("data/glue/SST-2")) else { return };
+    let sentences = |file: &str, n: usize| -> String {
+        let text = std::fs::read_to_string(glue.join(file)).unwrap();
+        text.lines().skip(1).take(n).map(|l| l.split('\t').next().unwrap()).collect::<Vec<_>>().join("\n")
+    };
+    let (half_a, half_b, dev) = (dir.join("a.txt"), dir.join("b.txt"), dir.join("dev.txt"));
+    std::fs::write(&half_a, sentences("train.tsv", 60)).unwrap();
+    std::fs::write(&half_b, sentences("dev.tsv", 40)).unwrap();
+    std::fs::write(&dev, sentences("dev.tsv", 872).lines().skip(840).collect::<Vec<_>>().join("\n")).unwrap();
+    let out = dir.join("generator");
+    let texts = format!("{},{}", s(&half_a), s(&half_b));
+    let mut args = vec!["train-generator", "--model", s(&model), "--out", s(&out), "--text", &texts];
+    args.extend(["--held-out", s(&dev), "--unfreeze", "--epochs", "1", "--batch", "20", "--max-len", "32", "--json"]);
+    let result = last_json(&ok(kd(&args)));
+    // Both text files train, the dev file alone is measured on.
+    assert_eq!((result["train_texts"].as_u64(), result["held_out_texts"].as_u64()), (Some(100), Some(32)));
+    assert_eq!((result["unfreeze"].as_bool(), result["lr"].as_f64()), (Some(true), Some(1e-4f32 as f64)));
+    assert!(result["after"]["loss"].as_f64() < result["before"]["loss"].as_f64(), "{result}");
+    let config = BertConfig::from_file(&out.join("config.json")).unwrap();
+    let saved = BertWeights::load(&out.join("model.safetensors"), &config, &Device::Cpu).unwrap();
+    let source_config = BertConfig::from_file(&model.join("config.json")).unwrap();
+    let source = BertWeights::load(&model.join("model.safetensors"), &source_config, &Device::Cpu).unwrap();
+    let last = |w: &BertWeights| w.layers.last().unwrap().output.weight.to_vec().unwrap();
+    assert!(last(&saved) != last(&source), "the encoder did not move");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_config_file_equals_its_flags_and_errors_name_the_file() {
     let dir = scratch("config");
     let Some((_, task, flag_result)) = teacher() else { return };

@@ -129,6 +129,40 @@ fn the_head_learns_on_a_frozen_encoder_and_the_mlm_loss_falls() {
 }
 
 #[test]
+fn unfrozen_the_whole_model_learns_and_beats_the_head_alone_at_equal_steps() {
+    let (train, held_out) = (corpus(300, 3), corpus(100, 4));
+    let masking = Masking::bert(MASK, SPECIAL.to_vec());
+    let train_with = |cfg: &GeneratorConfig| {
+        let mut generator = generator_from_encoder(&encoder(), 5).unwrap();
+        let before = snapshot(&generator.weights, false);
+        train_generator(&mut generator, &train, cfg, &mut |_| {}).unwrap();
+        let score = evaluate_mlm(&generator, &held_out, &masking, 16, 9).unwrap();
+        let after = snapshot(&generator.weights, false);
+        let moved: Vec<String> =
+            before.iter().zip(&after).filter(|(b, a)| b.1 != a.1).map(|(b, _)| b.0.clone()).collect();
+        (score, moved)
+    };
+    let mut head_only = GeneratorConfig::new(masking.clone());
+    (head_only.epochs, head_only.batch_size, head_only.lr) = (40, 16, 1e-2);
+    let mut whole = GeneratorConfig::unfrozen(masking.clone());
+    (whole.epochs, whole.batch_size, whole.lr) = (40, 16, 1e-2);
+    let (head_score, head_moved) = train_with(&head_only);
+    let (whole_score, whole_moved) = train_with(&whole);
+
+    assert!(head_moved.iter().all(|n| n.starts_with("cls.")), "frozen run moved {head_moved:?}");
+    // Unfrozen, every parameter moves: the layers, and the word embeddings through the tied decoder.
+    for name in ["bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight"] {
+        assert!(whole_moved.iter().any(|n| n == name), "{name} did not move: {whole_moved:?}");
+    }
+    assert!(
+        whole_score.accuracy > head_score.accuracy + 0.05,
+        "held-out accuracy: whole model {} vs head alone {}",
+        whole_score.accuracy,
+        head_score.accuracy
+    );
+}
+
+#[test]
 fn the_generator_saves_as_a_bert_for_masked_lm_and_loads_back() {
     let generator = generator_from_encoder(&encoder(), 5).unwrap();
     let dir = std::env::temp_dir().join(format!("kd-generator-save-{}", std::process::id()));

@@ -12,6 +12,16 @@
 //!     update the head only (the tied decoder table is the encoder's word embeddings: frozen too)
 //! ```
 //!
+//! With [`GeneratorConfig::unfreeze`] the whole model learns instead (encoder, embeddings and
+//! head: BERT's own pre-training step, dropout on), which a generator worth the name needs when
+//! the encoder never had an MLM objective (MiniLM sentence encoders):
+//!
+//! ```text
+//!     h    = Encoder(ids')                  dropout on
+//!     loss = mean over rows of CE(Head(h[rows]), ids[rows])
+//!     update every parameter (the decoder's gradient flows into the tied word embeddings)
+//! ```
+//!
 //! The masking is shared with MATE-KD ([`Masking::mate_kd`]: 30% of tokens, all to [MASK]).
 
 use std::time::Instant;
@@ -19,8 +29,10 @@ use std::time::Instant;
 use kd_kernels::ops::cross_entropy::{self, Targets};
 use kd_kernels::rng::{mix64, Rng};
 use kd_kernels::{IdTensor, Tensor};
-use kd_model::bert::{Bert, EncoderBatch, ForwardMode};
+use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode};
+use kd_model::mlm::MlmActivations;
 use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig, Params};
+use kd_model::{BertWeights, MlmHead};
 
 use crate::batching::{collate, Encoded};
 use crate::trainer::{argmax, Event, LossLog};
@@ -138,6 +150,8 @@ pub struct GeneratorConfig {
     pub max_grad_norm: Option<f32>,
     pub seed: u64,
     pub masking: Masking,
+    /// Train the encoder and embeddings with the head (dropout on), not the head alone.
+    pub unfreeze: bool,
 }
 
 impl GeneratorConfig {
@@ -153,7 +167,13 @@ impl GeneratorConfig {
             max_grad_norm: Some(1.0),
             seed: 42,
             masking,
+            unfreeze: false,
         }
+    }
+
+    /// Defaults for training the whole model: BERT's pre-training learning rate.
+    pub fn unfrozen(masking: Masking) -> GeneratorConfig {
+        GeneratorConfig { lr: 1e-4, unfreeze: true, ..GeneratorConfig::new(masking) }
     }
 }
 
@@ -174,15 +194,17 @@ pub struct MlmScore {
     pub tokens: usize,
 }
 
-/// The generator's forward on one masked batch: MLM logits at the masked rows, the summed
-/// cross-entropy (and its gradient, scaled by `grad_scale`, in `mlm.dlogits` when asked).
+/// The generator's forward on one masked batch: the encoder's activations, MLM logits at the
+/// masked rows, the summed cross-entropy (and its gradient, scaled by `grad_scale`, in
+/// `mlm.dlogits` when asked).
 fn mlm_pass(
     generator: &Bert,
     masked: &MaskedBatch,
+    mode: ForwardMode,
     grad_scale: Option<f32>,
-) -> Result<(kd_model::mlm::MlmActivations, Vec<f32>)> {
+) -> Result<(Activations, MlmActivations, Vec<f32>)> {
     let mut acts = generator.activations(masked.batch.batch, masked.batch.seq)?;
-    generator.forward(&mut acts, &masked.batch, None, ForwardMode::default())?;
+    generator.forward(&mut acts, &masked.batch, None, mode)?;
     let mut mlm = generator.mlm_activations(&masked.rows)?;
     generator.mlm_forward(&mut mlm, &acts)?;
     let device = generator.device();
@@ -192,14 +214,75 @@ fn mlm_pass(
     let (logits, dlogits) = (&mlm.logits, &mut mlm.dlogits);
     let scale = grad_scale.unwrap_or(0.0);
     cross_entropy::cross_entropy(&mut rows, grad_scale.map(|_| dlogits), logits, Targets::Hard(&labels), None, scale)?;
-    Ok((mlm, rows.to_vec()?))
+    Ok((acts, mlm, rows.to_vec()?))
+}
+
+/// What [`train_generator`] updates, with its optimiser and gradient buffers.
+enum Learner {
+    /// The MLM head alone; the encoder and the tied word embeddings stay as they are.
+    Head { optimizer: Optimizer<MlmHead>, grads: MlmHead },
+    /// Every parameter of the generator (the moments boxed: two whole models' tensor handles).
+    Whole { optimizer: Box<Optimizer>, grads: BertWeights },
+}
+
+impl Learner {
+    fn new(generator: &Bert, unfreeze: bool, config: OptimizerConfig) -> Result<Learner> {
+        let head =
+            generator.weights.mlm_head.as_ref().ok_or_else(|| Error::Config("the generator has no MLM head".into()))?;
+        Ok(if unfreeze {
+            let weights = &generator.weights;
+            Learner::Whole { optimizer: Box::new(Optimizer::new(config, weights)?), grads: weights.zeros_like()? }
+        } else {
+            Learner::Head { optimizer: Optimizer::new(config, head)?, grads: head.zeros_like()? }
+        })
+    }
+
+    /// Dropout trains with the encoder; a frozen encoder gives the head fixed features.
+    fn forward_mode(&self, seed: u64) -> ForwardMode {
+        ForwardMode { train: matches!(self, Learner::Whole { .. }), seed, keep_scores: false }
+    }
+
+    fn lr(&self) -> f32 {
+        match self {
+            Learner::Head { optimizer, .. } => optimizer.lr(),
+            Learner::Whole { optimizer, .. } => optimizer.lr(),
+        }
+    }
+
+    /// Backpropagates `mlm.dlogits` and takes one optimiser step.
+    fn update(
+        &mut self,
+        generator: &mut Bert,
+        acts: &mut Activations,
+        mlm: &mut MlmActivations,
+        batch: &EncoderBatch,
+    ) -> Result<()> {
+        match self {
+            Learner::Head { optimizer, grads } => {
+                grads.zero()?;
+                let w = &mut generator.weights;
+                let head = w.mlm_head.as_mut().expect("checked in Learner::new");
+                head.backward(grads, None, None, mlm, &w.embeddings.word_embeddings)?;
+                optimizer.update(head, grads)?;
+            }
+            Learner::Whole { optimizer, grads } => {
+                grads.zero()?;
+                let mut out = acts.output_grads()?;
+                generator.mlm_backward(grads, mlm, acts, &mut out)?;
+                generator.backward(grads, acts, &out, batch, None)?;
+                optimizer.update(&mut generator.weights, grads)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn step_seed(seed: u64, epoch: usize, index: u64) -> u64 {
     mix64(seed ^ mix64((epoch as u64) << 32 ^ index))
 }
 
-/// Trains `generator`'s MLM head on `text` with its encoder (and word embeddings) frozen.
+/// Trains `generator` on `text` with BERT's masked-LM objective: its MLM head alone, on the
+/// frozen encoder and word embeddings, or (with `cfg.unfreeze`) every parameter.
 pub fn train_generator(
     generator: &mut Bert,
     text: &[Encoded],
@@ -214,8 +297,6 @@ pub fn train_generator(
     }
     let vocab = generator.config.vocab_size;
     cfg.masking.check(vocab)?;
-    let head =
-        generator.weights.mlm_head.as_ref().ok_or_else(|| Error::Config("the generator has no MLM head".into()))?;
     let steps_per_epoch = text.len().div_ceil(cfg.batch_size) as u64;
     let total_steps = steps_per_epoch * cfg.epochs as u64;
     let opt_cfg = OptimizerConfig {
@@ -227,8 +308,7 @@ pub fn train_generator(
         max_grad_norm: cfg.max_grad_norm,
         schedule: LinearSchedule { warmup: (cfg.warmup_ratio * total_steps as f32).ceil() as u64, total: total_steps },
     };
-    let mut optimizer = Optimizer::new(opt_cfg, head)?;
-    let mut grads = head.zeros_like()?;
+    let mut learner = Learner::new(generator, cfg.unfreeze, opt_cfg)?;
     let device = generator.device();
     let pad = generator.config.pad_token_id;
     let started = Instant::now();
@@ -241,26 +321,23 @@ pub fn train_generator(
         for (index, chunk) in order.chunks(cfg.batch_size).enumerate() {
             let t0 = Instant::now();
             let batch = collate(chunk.iter().map(|&i| &text[i]), pad, &device)?;
-            let mut rng = Rng::new(step_seed(cfg.seed, epoch, index as u64));
-            let masked = mask_batch(&batch, &cfg.masking, vocab, &mut rng)?;
+            let seed = step_seed(cfg.seed, epoch, index as u64);
+            let masked = mask_batch(&batch, &cfg.masking, vocab, &mut Rng::new(seed))?;
             let p = masked.rows.len();
             let mut log = LossLog::default();
             if p > 0 {
-                let (mut mlm, rows) = mlm_pass(generator, &masked, Some(1.0 / p as f32))?;
+                let mode = learner.forward_mode(seed);
+                let (mut acts, mut mlm, rows) = mlm_pass(generator, &masked, mode, Some(1.0 / p as f32))?;
                 let loss: f64 = rows.iter().map(|&v| v as f64).sum();
                 if !loss.is_finite() {
                     return Err(Error::NonFinite(format!("MLM loss is {loss} at step {}", step + 1)));
                 }
                 (loss_sum, tokens) = (loss_sum + loss, tokens + p);
                 log.push("mlm", (loss / p as f64) as f32);
-                grads.zero()?;
-                let w = &mut generator.weights;
-                let head = w.mlm_head.as_mut().expect("checked above");
-                head.backward(&mut grads, None, None, &mut mlm, &w.embeddings.word_embeddings)?;
-                optimizer.update(head, &mut grads)?;
+                learner.update(generator, &mut acts, &mut mlm, &masked.batch)?;
             }
             step += 1;
-            let lr = optimizer.lr();
+            let lr = learner.lr();
             let examples_per_s = chunk.len() as f64 / t0.elapsed().as_secs_f64();
             observer(Event::Step { step, total_steps, loss: &log, lr, examples_per_s });
         }
@@ -288,7 +365,7 @@ pub fn evaluate_mlm(
         if masked.rows.is_empty() {
             continue;
         }
-        let (mlm, rows) = mlm_pass(generator, &masked, None)?;
+        let (_, mlm, rows) = mlm_pass(generator, &masked, ForwardMode::default(), None)?;
         loss += rows.iter().map(|&v| v as f64).sum::<f64>();
         let logits = mlm.logits.to_vec()?;
         correct += logits.chunks(vocab).zip(&masked.labels).filter(|(row, &y)| argmax(row) == y as usize).count();
