@@ -47,15 +47,16 @@ pub fn draw_svg(curves: &Curves, out: &Path) -> Result<()> {
             .max_light_lines(0)
             .x_desc("step")
             .y_desc(y_desc)
-            .x_label_formatter(&|v| format!("{v:.0}"))
+            // Steps are whole numbers, but ticks over a short run fall between them.
+            .x_label_formatter(&|v| format!("{}", (v * 100.0).round() / 100.0))
             .y_label_formatter(&y_label)
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(plot_error)?;
         for (i, s) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            // Evaluations are few: a marker on each keeps a single one visible.
-            let marker = if title == "evaluations" { 3 } else { 0 };
+            // Evaluations are few: a marker on each keeps a lone point visible.
+            let marker = if title == "evaluations" || s.points.len() == 1 { 3 } else { 0 };
             let line = LineSeries::new(s.points.iter().copied().filter(|p| p.1.is_finite()), color.stroke_width(2));
             chart
                 .draw_series(line.point_size(marker))
@@ -80,12 +81,16 @@ pub fn draw_svg(curves: &Curves, out: &Path) -> Result<()> {
     root.present().map_err(plot_error)
 }
 
-/// The range of `values`, padded by `pad` of its width (a flat line gets a unit-wide range).
+/// The range of `values`, padded by `pad` of its width (a flat line gets half its value either
+/// side, so a constant learning rate keeps its sign).
 fn span(values: impl Iterator<Item = f64>, pad: f64) -> Range<f64> {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     match hi - lo {
         w if w > 0.0 => lo - pad * w..hi + pad * w,
-        0.0 => lo - 0.5..hi + 0.5,
+        0.0 => {
+            let half = if lo == 0.0 { 0.5 } else { lo.abs() / 2.0 };
+            lo - half..hi + half
+        }
         _ => 0.0..1.0,
     }
 }
