@@ -23,7 +23,7 @@ pub struct DataArgs {
     /// Dev file (.csv, .tsv, .jsonl or .parquet), instead of a GLUE task.
     #[arg(long, value_name = "FILE")]
     dev: Option<PathBuf>,
-    /// Text column of generic files: a header name (JSON key) or a 0-based position.
+    /// Text column of generic files: a header name (JSON key, Parquet field) or a 0-based position.
     #[arg(long, value_name = "COLUMN", default_value = "text")]
     text_column: String,
     /// Second-text column of sentence-pair data.
