@@ -206,9 +206,9 @@ pub fn progress_bar(steps: u64, stage: &str) -> Result<ProgressBar> {
     Ok(bar)
 }
 
-/// `OUT/metrics.jsonl`: one object per evaluation (`"split": "dev"`, with the mean training loss
-/// since the last) and one every `--log-every` steps (`"split": "train"`); every line has its
-/// `stage` and `step`.
+/// `OUT/metrics.jsonl`: one object per evaluation (its split's metrics and the mean training loss
+/// since the last) and one every `--log-every` steps (`"split": "train"`, told apart from an
+/// evaluation on the training set by its `lr`); every line has its `stage` and `step`.
 /// The observer cannot fail, so the first write error is kept for [`MetricsLog::finish`].
 struct MetricsLog {
     file: File,
@@ -263,7 +263,10 @@ impl MetricsLog {
     /// Appends a training record: the mean loss and speed over the steps since the last one
     /// and the learning rate of this step.
     fn train_record(&mut self, stage: &str, step: u64, epoch: f64, lr: f32, (loss, examples_per_s): (f64, f64)) {
-        self.write(json!({"stage": stage, "step": step, "epoch": epoch, "split": "train", "loss": loss, "lr": lr, "examples_per_s": examples_per_s}));
+        self.write(json!({
+            "stage": stage, "step": step, "epoch": epoch, "split": "train",
+            "loss": loss, "lr": lr, "examples_per_s": examples_per_s,
+        }));
     }
 
     fn write(&mut self, line: Value) {
