@@ -8,7 +8,7 @@ use kd_kernels::Device;
 use kd_methods::data::{Column, Dataset, GlueTask, Split};
 use kd_methods::task::{DataOptions, DataSource, FileSource};
 
-/// A GLUE task folder, or generic CSV/TSV/JSONL files with named (or numbered) columns.
+/// A GLUE task folder, or generic CSV/TSV/JSONL/Parquet files with named (or numbered) columns.
 #[derive(clap::Args, Debug)]
 pub struct DataArgs {
     /// GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli (read from --data).
@@ -17,13 +17,13 @@ pub struct DataArgs {
     /// The GLUE task's folder, holding train.tsv and dev.tsv (e.g. glue/SST-2).
     #[arg(long, value_name = "DIR", requires = "task")]
     data: Option<PathBuf>,
-    /// Training file (.csv, .tsv or .jsonl), instead of a GLUE task.
+    /// Training file (.csv, .tsv, .jsonl or .parquet), instead of a GLUE task.
     #[arg(long, value_name = "FILE")]
     train: Option<PathBuf>,
-    /// Dev file (.csv, .tsv or .jsonl), instead of a GLUE task.
+    /// Dev file (.csv, .tsv, .jsonl or .parquet), instead of a GLUE task.
     #[arg(long, value_name = "FILE")]
     dev: Option<PathBuf>,
-    /// Text column of generic files: a header name (JSON key) or a 0-based position.
+    /// Text column of generic files: a header name (JSON key, Parquet field) or a 0-based position.
     #[arg(long, value_name = "COLUMN", default_value = "text")]
     text_column: String,
     /// Second-text column of sentence-pair data.

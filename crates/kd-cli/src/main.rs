@@ -11,12 +11,14 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 mod args;
 mod bench;
 mod config;
+mod curves;
 mod demo;
 mod distill;
 mod eval;
 mod finetune;
 mod model;
 mod noise;
+mod plot;
 mod predict;
 mod pseudo_label;
 mod report;
@@ -55,6 +57,8 @@ enum Command {
     PseudoLabel(pseudo_label::Args),
     /// Train a masked-LM head on a frozen encoder (MATE-KD's generator) and save it.
     TrainGenerator(train_generator::Args),
+    /// Draw a run's OUT/metrics.jsonl (training loss, learning rate, evaluations) as SVG.
+    Plot(plot::Args),
     /// Time kd's training work on real checkpoints (`bench step`: the standard distillation step).
     Bench(bench::Args),
 }
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Command::Noise(a) => noise::run(a),
         Command::PseudoLabel(a) => pseudo_label::run(a),
         Command::TrainGenerator(a) => train_generator::run(a),
+        Command::Plot(a) => plot::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

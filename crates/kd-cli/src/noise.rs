@@ -152,6 +152,10 @@ impl Layout {
             Format::Tsv => self.relabel_tsv(bytes, &new_labels)?,
             Format::Jsonl => self.relabel_jsonl(bytes, &new_labels)?,
             Format::Csv => self.relabel_csv(bytes, &new_labels)?,
+            // The copy keeps the source's format, and kd reads parquet but writes none.
+            Format::Parquet => {
+                bail!("{}: noise cannot copy a parquet file; convert it to CSV, TSV or JSONL", path.display())
+            }
         };
         // The loader read the same records; a different count means the two disagree on the file.
         ensure!(rows == clean.len(), "{}: copied {rows} rows but the data has {}", path.display(), clean.len());

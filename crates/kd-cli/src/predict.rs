@@ -16,7 +16,7 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     data: DataArgs,
-    /// A generic file (.csv, .tsv or .jsonl) to predict on; labels in it are not needed.
+    /// A generic file (.csv, .tsv, .jsonl or .parquet) to predict on; labels in it are not needed.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["task", "split"])]
     input: Option<PathBuf>,
     /// The split of the task (or of --train/--dev files) to predict on.

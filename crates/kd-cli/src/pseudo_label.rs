@@ -19,7 +19,7 @@ pub struct Args {
     teacher: PathBuf,
     #[command(flatten)]
     data: DataArgs,
-    /// A generic file (.csv, .tsv or .jsonl) of text to label; labels in it are not needed.
+    /// A generic file (.csv, .tsv, .jsonl or .parquet) of text to label; labels in it are not needed.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["task", "split"])]
     input: Option<PathBuf>,
     /// The split of the task (or of --train/--dev files) to label; its labels are not read.

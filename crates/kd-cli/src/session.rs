@@ -41,6 +41,10 @@ pub struct TrainArgs {
     /// Evaluate on dev every N steps (always at the end).
     #[arg(long, value_name = "N")]
     pub eval_every: Option<u64>,
+    /// Write the mean training loss, learning rate and speed to OUT/metrics.jsonl every N steps
+    /// (and at a stage's last step).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub log_every: u64,
     /// Write the resumable state to OUT/checkpoint every N steps (and at the end).
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub checkpoint_every: u64,
@@ -64,6 +68,7 @@ impl TrainArgs {
         ensure!(self.weight_decay >= 0.0 && self.weight_decay.is_finite(), "--weight-decay must be >= 0");
         ensure!(self.max_grad_norm >= 0.0, "--max-grad-norm must be >= 0 (0: no clipping)");
         ensure!(self.eval_every != Some(0), "--eval-every must be at least 1");
+        ensure!(self.log_every > 0, "--log-every must be at least 1");
         ensure!(self.checkpoint_every > 0, "--checkpoint-every must be at least 1");
         Ok(())
     }
@@ -95,13 +100,14 @@ pub struct Session {
     pub out: PathBuf,
     pub tokenizer_json: PathBuf,
     log: MetricsLog,
+    log_every: u64,
 }
 
 impl Session {
-    pub fn create(out: &Path, tokenizer_json: &Path, resume: bool) -> Result<Session> {
+    pub fn create(out: &Path, tokenizer_json: &Path, resume: bool, log_every: u64) -> Result<Session> {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         let log = MetricsLog::open(&out.join("metrics.jsonl"), resume)?;
-        Ok(Session { out: out.to_path_buf(), tokenizer_json: tokenizer_json.to_path_buf(), log })
+        Ok(Session { out: out.to_path_buf(), tokenizer_json: tokenizer_json.to_path_buf(), log, log_every })
     }
 
     pub fn state_dir(&self, stage: &str) -> PathBuf {
@@ -141,9 +147,14 @@ impl Session {
         let tokenizer = self.tokenizer_json.clone();
         let mut save_error: Option<anyhow::Error> = None;
         let log = &mut self.log;
+        let (record_every, mut window) = (self.log_every, StepWindow::default());
         let mut observer = |event: Event| match event {
-            Event::Step { step, loss, lr, examples_per_s, .. } => {
+            Event::Step { step, total_steps, loss, lr, examples_per_s } => {
                 log.add_loss(loss.total);
+                window.add(loss.total, examples_per_s);
+                if step.is_multiple_of(record_every) || step == total_steps {
+                    log.train_record(stage, step, step as f64 / steps_per_epoch as f64, lr, window.take());
+                }
                 log.rate = Some(log.rate.map_or(examples_per_s, |r| 0.9 * r + 0.1 * examples_per_s));
                 bar.set_position(step);
                 let rate = log.rate.unwrap_or(0.0);
@@ -195,7 +206,9 @@ pub fn progress_bar(steps: u64, stage: &str) -> Result<ProgressBar> {
     Ok(bar)
 }
 
-/// `OUT/metrics.jsonl`, one object per evaluation, and the running training loss it reports.
+/// `OUT/metrics.jsonl`: one object per evaluation (its split's metrics and the mean training loss
+/// since the last) and one every `--log-every` steps (`"split": "train"`, told apart from an
+/// evaluation on the training set by its `lr`); every line has its `stage` and `step`.
 /// The observer cannot fail, so the first write error is kept for [`MetricsLog::finish`].
 struct MetricsLog {
     file: File,
@@ -242,11 +255,24 @@ impl MetricsLog {
         obj.insert("split".into(), json!(split));
         obj.extend(fields.clone());
         obj.insert("loss".into(), json!(loss));
-        if self.error.is_none() {
-            self.error = writeln!(self.file, "{}", Value::Object(obj)).and_then(|()| self.file.flush()).err();
-        }
+        self.write(Value::Object(obj));
         (self.loss_sum, self.loss_steps) = (0.0, 0);
         format!("{stage} step {step} (epoch {epoch:.2}): {split} {}, training loss {loss:.4}", describe(&fields))
+    }
+
+    /// Appends a training record: the mean loss and speed over the steps since the last one
+    /// and the learning rate of this step.
+    fn train_record(&mut self, stage: &str, step: u64, epoch: f64, lr: f32, (loss, examples_per_s): (f64, f64)) {
+        self.write(json!({
+            "stage": stage, "step": step, "epoch": epoch, "split": "train",
+            "loss": loss, "lr": lr, "examples_per_s": examples_per_s,
+        }));
+    }
+
+    fn write(&mut self, line: Value) {
+        if self.error.is_none() {
+            self.error = writeln!(self.file, "{line}").and_then(|()| self.file.flush()).err();
+        }
     }
 
     fn finish(self) -> Result<()> {
@@ -254,5 +280,29 @@ impl MetricsLog {
             Some(e) => Err(e).with_context(|| format!("writing {}", self.path.display())),
             None => Ok(()),
         }
+    }
+}
+
+/// The steps since the last training record in OUT/metrics.jsonl.
+#[derive(Default)]
+struct StepWindow {
+    loss_sum: f64,
+    rate_sum: f64,
+    steps: u64,
+}
+
+impl StepWindow {
+    fn add(&mut self, loss: f32, examples_per_s: f64) {
+        self.loss_sum += loss as f64;
+        self.rate_sum += examples_per_s;
+        self.steps += 1;
+    }
+
+    /// The mean loss and examples per second over the window, which starts again empty.
+    fn take(&mut self) -> (f64, f64) {
+        let n = self.steps.max(1) as f64;
+        let means = (self.loss_sum / n, self.rate_sum / n);
+        *self = StepWindow::default();
+        means
     }
 }

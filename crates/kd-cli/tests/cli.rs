@@ -34,7 +34,8 @@ fn finetune_then_eval_and_predict_the_saved_model() {
 
     // 64 examples in batches of 32, evaluated after each of the 2 steps.
     let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let lines: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|l: &Value| l["split"] == "dev").collect();
     assert_eq!(lines.len(), 2, "{log}");
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["step"], i as u64 + 1);
@@ -128,7 +129,7 @@ fn finetune_gold_subset_trains_on_k_rows() {
     args.extend(["--batch", "4", "--epochs", "1", "--eval-every", "1", "--task", "sst2", "--data", s(&task)]);
     ok(kd(&args));
     let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    assert_eq!(log.lines().count(), 2, "{log}");
+    assert_eq!(log.lines().filter(|l| l.contains(r#""split":"dev""#)).count(), 2, "{log}");
     // It is a peer-advised option of distill, refused elsewhere before anything loads.
     let distill = ["distill", "--method", "kd", "--teacher", s(&out), "--out", s(&dir), "--gold-subset", "8"];
     fails_with(kd(&distill), &["--gold-subset", "peer-advised"]);

@@ -1,9 +1,10 @@
-//! Datasets: the nine GLUE tasks by name, and generic CSV, TSV and JSONL files.
+//! Datasets: the nine GLUE tasks by name, and generic CSV, TSV, JSONL and Parquet files.
 //!
 //! Every loader goes through [`load_table`]. A row that cannot be read (wrong column count,
-//! unknown label, unparsable score, invalid UTF-8 or JSON) is an error naming file and line,
-//! or, with `skip_bad_rows`, dropped and recorded in [`Dataset::skipped`]: never lost silently.
-//! Empty lines carry no data and are passed over.
+//! unknown label, unparsable score, invalid UTF-8 or JSON, a null Parquet cell) is an error
+//! naming file and line (for Parquet, the 1-based row), or, with `skip_bad_rows`, dropped and
+//! recorded in [`Dataset::skipped`]: never lost silently. Empty lines carry no data and are
+//! passed over.
 //!
 //! TSV is split on tabs with no quoting at all: GLUE's texts contain `"` as literal characters
 //! (a CSV reader would swallow quotes and merge rows). CSV follows RFC 4180 quoting.
@@ -15,6 +16,8 @@ use kd_kernels::rng::Rng;
 use serde_json::Value;
 
 use crate::{Error, Result};
+
+mod parquet_file;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Label {
@@ -78,24 +81,26 @@ pub enum Format {
     Csv,
     Tsv,
     Jsonl,
+    Parquet,
 }
 
 impl Format {
-    /// From the file extension: `.csv`, `.tsv`/`.tab`, `.jsonl`/`.ndjson`.
+    /// From the file extension: `.csv`, `.tsv`/`.tab`, `.jsonl`/`.ndjson`, `.parquet`/`.pq`.
     pub fn from_path(path: &Path) -> Result<Format> {
         match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
             Some("csv") => Ok(Format::Csv),
             Some("tsv" | "tab") => Ok(Format::Tsv),
             Some("jsonl" | "ndjson") => Ok(Format::Jsonl),
+            Some("parquet" | "pq") => Ok(Format::Parquet),
             _ => Err(Error::File {
                 path: path.to_path_buf(),
-                detail: "unknown data format: expected a .csv, .tsv or .jsonl file".into(),
+                detail: "unknown data format: expected a .csv, .tsv, .jsonl or .parquet file".into(),
             }),
         }
     }
 }
 
-/// A column by header name (or JSON key) or by 0-based position.
+/// A column by header name (JSON key, Parquet field) or by 0-based position.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Column {
     Name(String),
@@ -126,7 +131,8 @@ pub enum LabelKind {
 #[derive(Clone, Debug)]
 pub struct TableSpec {
     pub format: Format,
-    /// Whether the first row names the columns (CSV and TSV; JSONL rows carry their keys).
+    /// Whether the first row names the columns (CSV and TSV; JSONL rows carry their keys and
+    /// Parquet files their schema).
     pub has_header: bool,
     pub text: Column,
     pub text_pair: Option<Column>,
@@ -138,18 +144,26 @@ pub struct TableSpec {
 
 /// Loads `path` as described by `spec`.
 pub fn load_table(path: &Path, spec: &TableSpec) -> Result<Dataset> {
-    let bytes = std::fs::read(path).map_err(|e| Error::File { path: path.to_path_buf(), detail: e.to_string() })?;
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut sink = RowSink { path, skip: spec.skip_bad_rows, skipped: Vec::new() };
     let rows = match spec.format {
-        Format::Tsv => read_tabular(tsv_records(bytes), spec, &mut sink)?,
-        Format::Csv => read_tabular(csv_records(bytes), spec, &mut sink)?,
-        Format::Jsonl => read_jsonl(bytes, spec, &mut sink)?,
+        Format::Tsv => read_tabular(tsv_records(&read_text(&sink)?), spec, &mut sink)?,
+        Format::Csv => read_tabular(csv_records(&read_text(&sink)?), spec, &mut sink)?,
+        Format::Jsonl => read_jsonl(&read_text(&sink)?, spec, &mut sink)?,
+        Format::Parquet => parquet_file::read_parquet(spec, &mut sink)?,
     };
     let (examples, label_names) = resolve_labels(rows, spec, &mut sink)?;
     let mut skipped = sink.skipped;
     skipped.sort_by_key(|s| s.line);
     Ok(Dataset { examples, label_names, source: path.to_path_buf(), skipped })
+}
+
+/// The bytes of a text file, less a UTF-8 byte order mark.
+fn read_text(sink: &RowSink) -> Result<Vec<u8>> {
+    let mut bytes = std::fs::read(sink.path).map_err(|e| sink.file_error(e.to_string()))?;
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        bytes.drain(..3);
+    }
+    Ok(bytes)
 }
 
 /// Where bad rows go: an error, or the skipped list.

@@ -288,7 +288,7 @@ fn missing_columns_and_files_are_clear_errors() {
     let err = load_table(&missing, &spec(Format::Tsv, "0", None, None, CLASSES)).unwrap_err().to_string();
     assert!(err.starts_with(&missing.display().to_string()), "{err}");
     assert_eq!(Format::from_path(&path).unwrap(), Format::Tsv);
-    assert!(Format::from_path(&path.with_extension("parquet")).is_err());
+    assert!(Format::from_path(&path.with_extension("xlsx")).is_err());
 }
 
 #[test]
