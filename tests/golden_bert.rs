@@ -1,4 +1,4 @@
-//! The BERT encoder against PyTorch + HF transformers (float64 references in ../shared/golden):
+//! The BERT encoder against PyTorch + HF transformers (float64 references in the test assets' golden/):
 //! the tiny 2-layer teacher/student (outputs, and every student gradient for each loss) and the
 //! real MiniLM checkpoints (every hidden state and the last attention map). Each test runs on
 //! the CPU and, when this machine has one, on GPU 0 (`kd_kernels::testing::devices`).
