@@ -160,7 +160,7 @@ pub fn run(args: Args) -> Result<()> {
     let build = StudentSpec { args: &args, teacher_dir: &tdir, device: &device, label_names: &task.label_names };
     let mut student = build.student(args.train.seed)?;
     check_compatible(&teacher, &student)?;
-    let mut session = Session::create(&out, &tdir.tokenizer_json, args.train.resume)?;
+    let mut session = Session::create(&out, &tdir.tokenizer_file, args.train.resume)?;
     let epochs = args.train.epochs;
     let cfg = |stage: &str, epochs: usize| args.train.config(epochs, metric, &session_state(&out, stage));
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);

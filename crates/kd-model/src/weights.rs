@@ -576,14 +576,14 @@ fn shape_err(path: &Path, name: &str, found: &[usize], expected: &[usize]) -> Er
     tensor_err(path, name, format!("has shape {found:?}, expected {expected:?} (from config.json)"))
 }
 
-/// The files of a tokenizer that travel with `tokenizer.json` when present beside it.
-const TOKENIZER_SIDE_FILES: [&str; 3] = ["vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];
+/// The tokenizer files that travel with a model, whichever are present.
+const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];
 
 /// Writes a HF model folder that `transformers` loads as-is: `config.json` (labels and
 /// `architectures` set from the heads present), `model.safetensors`, and the tokenizer files
-/// copied from beside `tokenizer_json`. Every file is written atomically; all sources are read
-/// before anything is written.
-pub fn save_pretrained(dir: &Path, config: &BertConfig, weights: &BertWeights, tokenizer_json: &Path) -> Result<()> {
+/// copied from beside `tokenizer_file` (the file the tokenizer was read from, which must
+/// exist). Every file is written atomically; all sources are read before anything is written.
+pub fn save_pretrained(dir: &Path, config: &BertConfig, weights: &BertWeights, tokenizer_file: &Path) -> Result<()> {
     let mut config = config.clone();
     if let Some(c) = &weights.classifier {
         config.set_num_labels(c.weight.shape().first().copied().unwrap_or(0));
@@ -597,9 +597,10 @@ pub fn save_pretrained(dir: &Path, config: &BertConfig, weights: &BertWeights, t
     config.extra.insert("architectures".into(), serde_json::json!([architecture]));
 
     let read = |p: &Path| std::fs::read(p).map_err(|e| Error::file(p, e));
-    let mut tokenizer_files = vec![("tokenizer.json", read(tokenizer_json)?)];
-    let source_dir = tokenizer_json.parent().unwrap_or(Path::new("."));
-    for name in TOKENIZER_SIDE_FILES {
+    read(tokenizer_file)?;
+    let source_dir = tokenizer_file.parent().unwrap_or(Path::new("."));
+    let mut tokenizer_files = Vec::new();
+    for name in TOKENIZER_FILES {
         let p = source_dir.join(name);
         if p.is_file() {
             tokenizer_files.push((name, read(&p)?));
