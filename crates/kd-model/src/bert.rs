@@ -20,6 +20,7 @@ use kd_kernels::rng::mix64;
 use kd_kernels::{Device, IdTensor, Tensor};
 
 use crate::config::BertConfig;
+use crate::family::Family;
 use crate::weights::{BertWeights, LayerNorm, Linear};
 use crate::{Error, Result};
 
@@ -153,6 +154,9 @@ pub struct Activations {
     /// `[B, C]` classifier outputs (absent without a classifier head).
     pub logits: Option<Tensor>,
     used_inputs_embeds: bool,
+    /// The position ids of the last [`Bert::embed`] when the family numbers them from the
+    /// padding mask (RoBERTa); `None` when they are the batch's own 0, 1, 2, ...
+    positions: Option<IdTensor>,
     scratch: Option<Scratch>,
 }
 
@@ -267,6 +271,22 @@ fn check_batch(acts: &Activations, batch: &EncoderBatch) -> Result<()> {
 }
 
 /// Seeds of the dropout sites: one per (site, layer), derived from the step's seed.
+/// RoBERTa's position ids (HF `create_position_ids_from_input_ids`): a row's real tokens count
+/// up from `pad_token_id + 1`, its padding takes `pad_token_id`. `None` for BERT's 0, 1, 2, ...
+fn family_positions(config: &BertConfig, batch: &EncoderBatch) -> Result<Option<IdTensor>> {
+    let Some(first) = Family::of(config).first_position(config) else { return Ok(None) };
+    let mask = batch.mask.to_vec()?;
+    let mut positions = Vec::with_capacity(mask.len());
+    for row in mask.chunks(batch.seq.max(1)) {
+        let mut next = first;
+        for &m in row {
+            positions.push(if m > 0.0 { next } else { config.pad_token_id });
+            next += u32::from(m > 0.0);
+        }
+    }
+    Ok(Some(IdTensor::from_vec(positions, &[mask.len()], &batch.mask.device())?))
+}
+
 fn site_seed(step_seed: u64, site: u64) -> u64 {
     mix64(step_seed ^ mix64(site.wrapping_add(1)))
 }
@@ -370,6 +390,7 @@ impl Activations {
             pooled_dropped: zeros(&[batch, d], device)?,
             logits: num_labels.map(|c| zeros(&[batch, c], device)).transpose()?,
             used_inputs_embeds: false,
+            positions: None,
             scratch: None,
         })
     }
@@ -508,9 +529,10 @@ impl Bert {
 
     /// Buffers for a batch of `batch` examples of `seq` tokens, keeping `outputs`.
     pub fn activations_for(&self, batch: usize, seq: usize, outputs: Outputs) -> Result<Activations> {
-        if seq > self.config.max_position_embeddings {
+        let max_tokens = Family::of(&self.config).max_tokens(&self.config);
+        if seq > max_tokens {
             return Err(Error::Shape(format!(
-                "sequence length {seq} exceeds max_position_embeddings {}",
+                "sequence length {seq} exceeds the {max_tokens} tokens that max_position_embeddings {} allows",
                 self.config.max_position_embeddings
             )));
         }
@@ -558,7 +580,9 @@ impl Bert {
             }
             None => embedding::embedding_forward(&mut acts.emb_sum, &batch.ids, &e.word_embeddings, false)?,
         }
-        embedding::embedding_forward(&mut acts.emb_sum, &batch.positions, &e.position_embeddings, true)?;
+        acts.positions = family_positions(cfg, batch)?;
+        let positions = acts.positions.as_ref().unwrap_or(&batch.positions);
+        embedding::embedding_forward(&mut acts.emb_sum, positions, &e.position_embeddings, true)?;
         embedding::embedding_forward(&mut acts.emb_sum, &batch.type_ids, &e.token_type_embeddings, true)?;
         layer_norm(&mut acts.emb_ln, &mut acts.emb_mean, &mut acts.emb_rstd, &acts.emb_sum, &e.layer_norm, eps)?;
         dropout::dropout_forward(&mut acts.hidden[0], &acts.emb_ln, p_hidden, site_seed(mode.seed, SITE_EMBEDDINGS))?;
@@ -892,7 +916,8 @@ impl Bert {
             &acts.emb_rstd,
             &e.layer_norm.weight,
         )?;
-        embedding::embedding_backward(&mut ge.position_embeddings, &s.d_a, &batch.positions)?;
+        let positions = acts.positions.as_ref().unwrap_or(&batch.positions);
+        embedding::embedding_backward(&mut ge.position_embeddings, &s.d_a, positions)?;
         embedding::embedding_backward(&mut ge.token_type_embeddings, &s.d_a, &batch.type_ids)?;
         match (acts.used_inputs_embeds, d_inputs_embeds) {
             (true, Some(dx)) => bias::add_inplace(dx, &s.d_a)?,

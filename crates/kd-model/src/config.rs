@@ -76,7 +76,7 @@ fn id_keyed<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<BTree
 }
 
 /// The `model_type`s kd runs; a config without one is taken as BERT.
-pub const MODEL_TYPES: [&str; 1] = ["bert"];
+pub const MODEL_TYPES: [&str; 2] = ["bert", "roberta"];
 
 fn check_model_type(model_type: Option<&Value>) -> Result<()> {
     match model_type {

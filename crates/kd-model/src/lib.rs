@@ -6,6 +6,7 @@
 pub mod bert;
 pub mod config;
 pub mod error;
+pub mod family;
 pub mod folder;
 pub mod mlm;
 pub mod optim;

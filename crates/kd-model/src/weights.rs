@@ -10,6 +10,7 @@ use kd_kernels::io::HostArray;
 use kd_kernels::rng::Rng;
 use kd_kernels::{Device, Tensor};
 
+use crate::family::Family;
 use crate::{BertConfig, Error, Result};
 
 /// A dense layer, `y = x W^T + b` with `weight` `[out, in]` (PyTorch's layout).
@@ -420,7 +421,7 @@ impl BertWeights {
         source: &Path,
     ) -> Result<BertWeights> {
         config.validate()?;
-        let mut file = Checkpoint::new(source, arrays)?;
+        let mut file = Checkpoint::new(source, arrays, Family::of(config))?;
         let has = |name: &str| file.tensors.contains_key(name);
         let pooler = has(&format!("{POOLER}.weight"));
         let labels = has(&format!("{CLASSIFIER}.weight")).then(|| config.num_labels());
@@ -435,9 +436,14 @@ impl BertWeights {
     /// Writes `model.safetensors` with `BertForSequenceClassification` / `BertForMaskedLM`
     /// names (the tied decoder is left out, as `transformers` does), atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_as(path, Family::Bert)
+    }
+
+    /// [`save`](Self::save) under `family`'s names.
+    pub fn save_as(&self, path: &Path, family: Family) -> Result<()> {
         let mut arrays = BTreeMap::new();
         self.try_visit(&mut |name, t| -> Result<()> {
-            arrays.insert(name.to_string(), HostArray { shape: t.shape().to_vec(), data: t.to_vec()? });
+            arrays.insert(family.file_name(name), HostArray { shape: t.shape().to_vec(), data: t.to_vec()? });
             Ok(())
         })?;
         // `transformers` refuses safetensors files without a framework tag.
@@ -475,30 +481,31 @@ fn init_tensor(name: &str, shape: &[usize], config: &BertConfig, seed: u64, devi
 /// model is built; what is left at the end is unknown.
 struct Checkpoint {
     path: PathBuf,
-    /// Whether the file names the encoder without the `bert.` prefix (a `BertModel` file);
+    /// Whether the file names the encoder without the family's prefix (a `BertModel` file);
     /// errors then use the file's spelling.
     bare: bool,
+    family: Family,
     /// canonical name -> (name in the file, array)
     tensors: BTreeMap<String, (String, HostArray)>,
 }
 
 impl Checkpoint {
-    fn new(path: &Path, arrays: BTreeMap<String, HostArray>) -> Result<Checkpoint> {
-        let bare = !arrays.keys().any(|k| k.starts_with("bert."));
+    fn new(path: &Path, arrays: BTreeMap<String, HostArray>, family: Family) -> Result<Checkpoint> {
+        let bare = !arrays.keys().filter_map(|k| family.canonical_name(k)).any(|k| k.starts_with("bert."));
         let mut tensors = BTreeMap::new();
         for (name, array) in arrays {
-            let Some(canonical) = canonical_name(&name) else { continue };
+            let Some(canonical) = family.canonical_name(&name).and_then(|n| canonical_name(&n)) else { continue };
             if let Some((first, _)) = tensors.insert(canonical.clone(), (name.clone(), array)) {
                 return Err(tensor_err(path, &name, format!("duplicates '{first}' (both are {canonical})")));
             }
         }
-        Ok(Checkpoint { path: path.to_path_buf(), bare, tensors })
+        Ok(Checkpoint { path: path.to_path_buf(), bare, family, tensors })
     }
 
-    fn file_name<'a>(&self, canonical: &'a str) -> &'a str {
-        match self.bare {
-            true => canonical.strip_prefix("bert.").unwrap_or(canonical),
-            false => canonical,
+    fn file_name(&self, canonical: &str) -> String {
+        match canonical.strip_prefix("bert.").filter(|_| self.bare) {
+            Some(bare) => bare.to_string(),
+            None => self.family.file_name(canonical),
         }
     }
 
@@ -526,7 +533,7 @@ impl Checkpoint {
 
     fn take(&mut self, canonical: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         let Some((name, array)) = self.tensors.remove(canonical) else {
-            return Err(tensor_err(&self.path, self.file_name(canonical), "is missing"));
+            return Err(tensor_err(&self.path, &self.file_name(canonical), "is missing"));
         };
         if array.shape != shape {
             return Err(shape_err(&self.path, &name, &array.shape, shape));
@@ -589,11 +596,13 @@ pub fn save_pretrained(dir: &Path, config: &BertConfig, weights: &BertWeights, t
         config.set_num_labels(c.weight.shape().first().copied().unwrap_or(0));
     }
     weights.check(&config)?;
+    let family = Family::of(&config);
     let architecture = match (&weights.classifier, &weights.mlm_head) {
-        (Some(_), _) => "BertForSequenceClassification",
-        (None, Some(_)) => "BertForMaskedLM",
-        (None, None) => "BertModel",
+        (Some(_), _) => "ForSequenceClassification",
+        (None, Some(_)) => "ForMaskedLM",
+        (None, None) => "Model",
     };
+    let architecture = format!("{}{architecture}", family.class_prefix());
     config.extra.insert("architectures".into(), serde_json::json!([architecture]));
 
     let read = |p: &Path| std::fs::read(p).map_err(|e| Error::file(p, e));
@@ -607,7 +616,7 @@ pub fn save_pretrained(dir: &Path, config: &BertConfig, weights: &BertWeights, t
         }
     }
 
-    weights.save(&dir.join("model.safetensors"))?;
+    weights.save_as(&dir.join("model.safetensors"), family)?;
     config.save(&dir.join("config.json"))?;
     for (name, bytes) in tokenizer_files {
         kd_kernels::io::write_atomic(&dir.join(name), &bytes)?;
