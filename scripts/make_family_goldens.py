@@ -7,6 +7,10 @@ For each family (roberta, distilbert, electra) it builds a tiny random
 *ForSequenceClassification model with transformers (seeded; hidden 32, 2 layers, 4 heads;
 ELECTRA with embedding_size 24 so its embeddings_project is used), and writes OUT_DIR/FAMILY/:
   config.json, model.safetensors   the HF folder, f32, as save_pretrained writes it
+  tokenizer.json, tokenizer_config.json
+                                   a word-level tokenizer over the words w5 .. w98 with the
+                                   family's special tokens, so kd-cli and AutoTokenizer run
+                                   the folder (texts like "w5 w17 w60")
   golden.safetensors               input_ids, attention_mask, labels (as f32), logits,
                                    hidden.I (every hidden state, embeddings first), loss and
                                    grad.NAME for every parameter NAME, of the mean
@@ -19,7 +23,8 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import (DistilBertConfig, DistilBertForSequenceClassification, ElectraConfig,
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (DistilBertConfig, PreTrainedTokenizerFast, DistilBertForSequenceClassification, ElectraConfig,
                           ElectraForSequenceClassification, RobertaConfig,
                           RobertaForSequenceClassification)
 
@@ -45,6 +50,26 @@ def families():
         type_vocab_size=2, pad_token_id=0, **common))
 
 
+# The special tokens at the family's ids (RoBERTa's <s> <pad> </s> <unk> <mask>, BERT's order
+# for the others), then words.
+SPECIALS = {1: ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], 0: ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
+
+
+def write_tokenizer(folder, pad):
+    specials = SPECIALS[pad]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(len(specials), VOCAB)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[3] if pad else specials[1]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if pad:
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+        names = dict(bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>", unk_token="<unk>", mask_token="<mask>")
+    else:
+        tok.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+        names = dict(cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]", mask_token="[MASK]")
+    tok.enable_padding(pad_id=pad, pad_token=specials[pad])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=specials[pad], **names).save_pretrained(folder)
+
+
 def inputs(pad):
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(3, VOCAB, (len(REAL), SEQ), generator=g)
@@ -64,6 +89,7 @@ def write(out, name, pad, model):
             p.add_(torch.randn_like(p) * 0.2)
     folder = os.path.join(out, name)
     model.save_pretrained(folder, safe_serialization=True)
+    write_tokenizer(folder, pad)
     model = model.double().eval()
     ids, mask, labels = inputs(pad)
     result = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)

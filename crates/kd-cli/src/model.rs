@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Result};
 use kd_kernels::Device;
 use kd_model::bert::Bert;
+use kd_model::family::Family;
 use kd_model::{BertConfig, BertWeights, Tokenizer};
 
 pub struct ModelDir {
@@ -49,7 +50,11 @@ impl ModelDir {
     /// Rejects a `--max-len` the position embeddings cannot hold.
     pub fn check_max_len(&self, max_len: usize) -> Result<()> {
         let positions = self.config.max_position_embeddings;
-        ensure!(max_len <= positions, "--max-len {max_len} exceeds the model's max_position_embeddings {positions}");
+        let tokens = Family::of(&self.config).max_tokens(&self.config);
+        ensure!(
+            max_len <= tokens,
+            "--max-len {max_len} exceeds the {tokens} tokens the model's max_position_embeddings {positions} allows"
+        );
         Ok(())
     }
 

@@ -27,7 +27,7 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `tokenizer.json`. The padding and truncation it may bake in (the MiniLM files pad
     /// every input to 128) are switched off: [`encode_batch`](Self::encode_batch) sets both per
-    /// call. The pad id is the file's padding id, else the id of `[PAD]`.
+    /// call. The pad id is the file's padding id, else the id of `[PAD]` (BERT) or `<pad>` (RoBERTa).
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::file(path, e))?;
         Self::wrap(inner, path)
@@ -51,8 +51,13 @@ impl Tokenizer {
         let (pad_id, pad_type_id) = match inner.get_padding() {
             Some(p) => (p.pad_id, p.pad_type_id),
             None => {
-                let id = inner.token_to_id("[PAD]");
-                (id.ok_or_else(|| Error::file(path, "no padding token: neither padding settings nor [PAD]"))?, 0)
+                let id = ["[PAD]", "<pad>"].iter().find_map(|t| inner.token_to_id(t));
+                (
+                    id.ok_or_else(|| {
+                        Error::file(path, "no padding token: neither padding settings nor [PAD] or <pad>")
+                    })?,
+                    0,
+                )
             }
         };
         inner.with_padding(None);
