@@ -94,3 +94,10 @@ fn roberta_matches_transformers() {
         check_family("roberta", &device);
     }
 }
+
+#[test]
+fn electra_matches_transformers() {
+    for device in testing::devices() {
+        check_family("electra", &device);
+    }
+}

@@ -1,6 +1,6 @@
-//! `kd-cli` on encoder families besides BERT: the tiny RoBERTa of tests/assets/families is
-//! fine-tuned, distilled into a RoBERTa student and reloaded, all under RoBERTa's names; model
-//! folders kd cannot read fail with one line.
+//! `kd-cli` on encoder families besides BERT: the tiny RoBERTa and ELECTRA of
+//! tests/assets/families are fine-tuned, distilled into a student of their family and reloaded,
+//! all under the family's names; model folders kd cannot read fail with one line.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -26,25 +26,9 @@ fn write_words(path: &Path, rows: usize, seed: usize) {
 
 #[test]
 fn roberta_finetune_distill_and_eval_keep_its_names() {
-    let dir = scratch("roberta");
-    let (train, dev) = (dir.join("train.tsv"), dir.join("dev.tsv"));
-    write_words(&train, 96, 0);
-    write_words(&dev, 32, 5);
-    let data = ["--train", s(&train), "--dev", s(&dev), "--max-len", "32", "--epochs", "1", "--json"];
-    let (roberta, teacher, student) = (family("roberta"), dir.join("teacher"), dir.join("student"));
-    ok(kd(&[&["finetune", "--model", s(&roberta), "--out", s(&teacher)][..], &data].concat()));
-    let args = ["distill", "--method", "kd", "--teacher", s(&teacher), "--student", s(&roberta)];
-    let distilled = last_json(&ok(kd(&[&args[..], &["--out", s(&student)], &data].concat())));
-
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(student.join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["architectures"][0], "RobertaForSequenceClassification");
-    assert_eq!(config["model_type"], "roberta");
-    let names = kd_kernels::io::read_safetensors(&student.join("model.safetensors")).unwrap();
-    assert!(names.keys().all(|k| k.starts_with("roberta.") || k.starts_with("classifier.")), "{:?}", names.keys());
-    assert!(names.contains_key("classifier.out_proj.weight") && names.contains_key("classifier.dense.weight"));
-
-    let eval = last_json(&ok(kd(&["eval", "--model", s(&student), "--dev", s(&dev), "--max-len", "32", "--json"])));
-    assert_eq!(eval["accuracy"], distilled["accuracy"]);
+    let dir = end_to_end("roberta", "Roberta");
+    let [teacher, student, train, dev] = ["teacher", "student", "train.tsv", "dev.tsv"].map(|f| dir.join(f));
+    let data = ["--train", s(&train), "--dev", s(&dev), "--max-len", "32", "--epochs", "1"];
     // A BERT student cannot read the RoBERTa teacher's tokens.
     let bert_config = dir.join("bert.json");
     let bert = r#"{"vocab_size": 99, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -61,6 +45,38 @@ fn roberta_finetune_distill_and_eval_keep_its_names() {
         &["--max-len 39", "38 tokens"],
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn electra_finetune_distill_and_eval_keep_its_names() {
+    let dir = end_to_end("electra", "Electra");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Fine-tunes the family's tiny model, distils it into a student of the family, checks the
+/// student's names and architecture, and that it reloads to the accuracy training reported.
+fn end_to_end(name: &str, class_prefix: &str) -> PathBuf {
+    let dir = scratch(name);
+    let (train, dev) = (dir.join("train.tsv"), dir.join("dev.tsv"));
+    write_words(&train, 96, 0);
+    write_words(&dev, 32, 5);
+    let data = ["--train", s(&train), "--dev", s(&dev), "--max-len", "32", "--epochs", "1", "--json"];
+    let (model, teacher, student) = (family(name), dir.join("teacher"), dir.join("student"));
+    ok(kd(&[&["finetune", "--model", s(&model), "--out", s(&teacher)][..], &data].concat()));
+    let args = ["distill", "--method", "kd", "--teacher", s(&teacher), "--student", s(&model)];
+    let distilled = last_json(&ok(kd(&[&args[..], &["--out", s(&student)], &data].concat())));
+
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(student.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], format!("{class_prefix}ForSequenceClassification"));
+    assert_eq!(config["model_type"], name);
+    let names = kd_kernels::io::read_safetensors(&student.join("model.safetensors")).unwrap();
+    let prefix = format!("{name}.");
+    assert!(names.keys().all(|k| k.starts_with(&prefix) || k.starts_with("classifier.")), "{:?}", names.keys());
+    assert!(names.contains_key("classifier.out_proj.weight") && names.contains_key("classifier.dense.weight"));
+
+    let eval = last_json(&ok(kd(&["eval", "--model", s(&student), "--dev", s(&dev), "--max-len", "32", "--json"])));
+    assert_eq!(eval["accuracy"], distilled["accuracy"]);
+    dir
 }
 
 #[test]
@@ -87,6 +103,6 @@ fn unreadable_model_folders_fail_with_one_line() {
     let xlnet = copy("xlnet", "golden.safetensors");
     let config = std::fs::read_to_string(xlnet.join("config.json")).unwrap().replace("\"roberta\"", "\"xlnet\"");
     std::fs::write(xlnet.join("config.json"), config).unwrap();
-    fails_with(eval(&xlnet), &["\"xlnet\"", "bert, roberta"]);
+    fails_with(eval(&xlnet), &["\"xlnet\"", "bert, roberta, electra"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }

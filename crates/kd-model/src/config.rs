@@ -76,7 +76,7 @@ fn id_keyed<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<BTree
 }
 
 /// The `model_type`s kd runs; a config without one is taken as BERT.
-pub const MODEL_TYPES: [&str; 2] = ["bert", "roberta"];
+pub const MODEL_TYPES: [&str; 3] = ["bert", "roberta", "electra"];
 
 fn check_model_type(model_type: Option<&Value>) -> Result<()> {
     match model_type {
@@ -126,6 +126,12 @@ impl BertConfig {
     /// HF's `classifier_dropout`, falling back to the hidden dropout when unset or null.
     pub fn classifier_dropout(&self) -> f64 {
         self.extra.get("classifier_dropout").and_then(|v| v.as_f64()).unwrap_or(self.hidden_dropout_prob)
+    }
+
+    /// ELECTRA's `embedding_size`: the width of the embedding tables, projected to
+    /// `hidden_size` by `embeddings_project` when it differs; `hidden_size` for other models.
+    pub fn embedding_size(&self) -> usize {
+        self.extra.get("embedding_size").and_then(Value::as_u64).map_or(self.hidden_size, |e| e as usize)
     }
 
     pub fn head_dim(&self) -> usize {

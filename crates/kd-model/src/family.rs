@@ -1,13 +1,23 @@
 //! The encoder families kd runs: BERT's computation under each family's own tensor names and
 //! position ids, read off `config.json`'s `model_type`. RoBERTa is BERT with its encoder under
 //! `roberta.`, positions counted from `pad_token_id + 1`, and the pooler + classifier head named
-//! `classifier.dense` / `classifier.out_proj`.
+//! `classifier.dense` / `classifier.out_proj`. ELECTRA (the discriminator) is BERT under
+//! `electra.`, with `embeddings_project` when `embedding_size` differs from `hidden_size`, and
+//! the same head names as RoBERTa's with GELU in place of tanh.
 use crate::BertConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     Bert,
     Roberta,
+    Electra,
+}
+
+/// The activation between the head's two dense layers ([CLS] -> dense -> activation -> out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadActivation {
+    Tanh,
+    Gelu,
 }
 
 /// (kd's BERT name prefix, the family's), first match wins in both directions: longer
@@ -22,11 +32,15 @@ const ROBERTA_NAMES: [(&str, &str); 7] = [
     ("bert.", "roberta."),
 ];
 
+const ELECTRA_NAMES: [(&str, &str); 3] =
+    [("bert.pooler.dense.", "classifier.dense."), ("classifier.", "classifier.out_proj."), ("bert.", "electra.")];
+
 impl Family {
     /// The family of `config` (a config without `model_type` is BERT's).
     pub fn of(config: &BertConfig) -> Family {
         match config.extra.get("model_type").and_then(|v| v.as_str()) {
             Some("roberta") => Family::Roberta,
+            Some("electra") => Family::Electra,
             _ => Family::Bert,
         }
     }
@@ -35,6 +49,7 @@ impl Family {
         match self {
             Family::Bert => &[],
             Family::Roberta => &ROBERTA_NAMES,
+            Family::Electra => &ELECTRA_NAMES,
         }
     }
 
@@ -44,9 +59,15 @@ impl Family {
     }
 
     /// kd's name for the family's tensor `name`; `None` for tensors the family's sequence
-    /// classifier does not use (RoBERTa's unused pooler).
+    /// classifier does not use (RoBERTa's pooler, the replaced-token head of an ELECTRA
+    /// discriminator checkpoint).
     pub fn canonical_name(self, name: &str) -> Option<String> {
-        if self == Family::Roberta && name.starts_with("roberta.pooler.") {
+        let unused = match self {
+            Family::Bert => None,
+            Family::Roberta => Some("roberta.pooler."),
+            Family::Electra => Some("discriminator_predictions."),
+        };
+        if unused.is_some_and(|prefix| name.starts_with(prefix)) {
             return None;
         }
         Some(rename(name, self.names().iter().map(|&(bert, own)| (own, bert))))
@@ -57,6 +78,14 @@ impl Family {
         match self {
             Family::Bert => "Bert",
             Family::Roberta => "Roberta",
+            Family::Electra => "Electra",
+        }
+    }
+
+    pub fn head_activation(self) -> HeadActivation {
+        match self {
+            Family::Bert | Family::Roberta => HeadActivation::Tanh,
+            Family::Electra => HeadActivation::Gelu,
         }
     }
 
@@ -64,7 +93,7 @@ impl Family {
     /// (RoBERTa's numbering). `None` for BERT, whose positions are simply 0, 1, 2, ...
     pub fn first_position(self, config: &BertConfig) -> Option<u32> {
         match self {
-            Family::Bert => None,
+            Family::Bert | Family::Electra => None,
             Family::Roberta => Some(config.pad_token_id + 1),
         }
     }

@@ -33,6 +33,9 @@ pub struct Embeddings {
     pub position_embeddings: Tensor,
     pub token_type_embeddings: Tensor,
     pub layer_norm: LayerNorm,
+    /// ELECTRA's `embeddings_project` from the embedding width to the hidden width, when they
+    /// differ.
+    pub project: Option<Linear>,
 }
 
 /// One encoder layer (HF `BertLayer`).
@@ -71,6 +74,7 @@ const WORD_EMBEDDINGS: &str = "bert.embeddings.word_embeddings.weight";
 const POSITION_EMBEDDINGS: &str = "bert.embeddings.position_embeddings.weight";
 const TOKEN_TYPE_EMBEDDINGS: &str = "bert.embeddings.token_type_embeddings.weight";
 const EMBEDDINGS_LAYER_NORM: &str = "bert.embeddings.LayerNorm";
+const EMBEDDINGS_PROJECT: &str = "bert.embeddings_project";
 const LAYER: &str = "bert.encoder.layer.";
 const QUERY: &str = "attention.self.query";
 const KEY: &str = "attention.self.key";
@@ -92,6 +96,8 @@ const MLM_DECODER_BIAS: &str = "cls.predictions.decoder.bias";
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Dims {
     vocab: usize,
+    /// The embedding tables' width (ELECTRA's `embedding_size`; `hidden` elsewhere).
+    embedding: usize,
     hidden: usize,
     intermediate: usize,
     max_positions: usize,
@@ -106,6 +112,7 @@ impl Dims {
     fn of_config(c: &BertConfig, pooler: bool, labels: Option<usize>, mlm: bool) -> Dims {
         Dims {
             vocab: c.vocab_size,
+            embedding: c.embedding_size(),
             hidden: c.hidden_size,
             intermediate: c.intermediate_size,
             max_positions: c.max_position_embeddings,
@@ -159,6 +166,9 @@ macro_rules! walk {
         $f(POSITION_EMBEDDINGS, &$($m)? e.position_embeddings)?;
         $f(TOKEN_TYPE_EMBEDDINGS, &$($m)? e.token_type_embeddings)?;
         pair!(EMBEDDINGS_LAYER_NORM, e.layer_norm);
+        if let Some(p) = &$($m)? e.project {
+            pair!(EMBEDDINGS_PROJECT, p);
+        }
         for (i, l) in (&$($m)? $w.layers).into_iter().enumerate() {
             pair!(format!("{LAYER}{i}.{QUERY}"), l.query);
             pair!(format!("{LAYER}{i}.{KEY}"), l.key);
@@ -187,12 +197,13 @@ macro_rules! walk {
 impl BertWeights {
     /// Creates every parameter of the structure `d` describes through `make`, in walk order.
     fn build(d: &Dims, make: &mut Make) -> Result<BertWeights> {
-        let (h, i) = (d.hidden, d.intermediate);
+        let (e, h, i) = (d.embedding, d.hidden, d.intermediate);
         let embeddings = Embeddings {
-            word_embeddings: make(WORD_EMBEDDINGS, &[d.vocab, h])?,
-            position_embeddings: make(POSITION_EMBEDDINGS, &[d.max_positions, h])?,
-            token_type_embeddings: make(TOKEN_TYPE_EMBEDDINGS, &[d.type_vocab, h])?,
-            layer_norm: layer_norm(make, EMBEDDINGS_LAYER_NORM, h)?,
+            word_embeddings: make(WORD_EMBEDDINGS, &[d.vocab, e])?,
+            position_embeddings: make(POSITION_EMBEDDINGS, &[d.max_positions, e])?,
+            token_type_embeddings: make(TOKEN_TYPE_EMBEDDINGS, &[d.type_vocab, e])?,
+            layer_norm: layer_norm(make, EMBEDDINGS_LAYER_NORM, e)?,
+            project: (e != h).then(|| linear(make, EMBEDDINGS_PROJECT, h, e)).transpose()?,
         };
         let layers = (0..d.layers)
             .map(|n| {
@@ -224,7 +235,8 @@ impl BertWeights {
         let e = &self.embeddings;
         Dims {
             vocab: dim(&e.word_embeddings, 0),
-            hidden: dim(&e.word_embeddings, 1),
+            embedding: dim(&e.word_embeddings, 1),
+            hidden: self.layers.first().map_or(dim(&e.word_embeddings, 1), |l| dim(&l.query.weight, 0)),
             intermediate: self.layers.first().map_or(0, |l| dim(&l.intermediate.weight, 0)),
             max_positions: dim(&e.position_embeddings, 0),
             type_vocab: dim(&e.token_type_embeddings, 0),
@@ -469,7 +481,7 @@ fn init_tensor(name: &str, shape: &[usize], config: &BertConfig, seed: u64, devi
         let mut rng = Rng::new(seed ^ name_hash);
         let mut v: Vec<f32> = (0..n).map(|_| (rng.normal() * config.initializer_range) as f32).collect();
         if name == WORD_EMBEDDINGS {
-            let (pad, h) = (config.pad_token_id as usize, config.hidden_size);
+            let (pad, h) = (config.pad_token_id as usize, shape[1]);
             v[pad * h..(pad + 1) * h].fill(0.0);
         }
         v
