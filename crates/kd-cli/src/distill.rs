@@ -19,6 +19,7 @@ use kd_methods::noise::{inject_targets, NoiseModel};
 use kd_methods::pseudo::{self, PseudoLabels};
 use kd_methods::trainer::{evaluate, TrainReport};
 use kd_model::bert::Bert;
+use kd_model::family::Family;
 use kd_model::{BertConfig, BertWeights, Tokenizer};
 
 use crate::args::{device, report_skipped, DataArgs};
@@ -160,7 +161,7 @@ pub fn run(args: Args) -> Result<()> {
     let build = StudentSpec { args: &args, teacher_dir: &tdir, device: &device, label_names: &task.label_names };
     let mut student = build.student(args.train.seed)?;
     check_compatible(&teacher, &student)?;
-    let mut session = Session::create(&out, &tdir.tokenizer_json, args.train.resume, args.train.log_every)?;
+    let mut session = Session::create(&out, &tdir.tokenizer_file, args.train.resume, args.train.log_every)?;
     let epochs = args.train.epochs;
     let cfg = |stage: &str, epochs: usize| args.train.config(epochs, metric, &session_state(&out, stage));
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
@@ -332,6 +333,7 @@ impl StudentSpec<'_> {
         let a = self.args;
         if let Some(dir) = &a.student {
             let sdir = ModelDir::open(dir)?;
+            same_family(&self.teacher_dir.config, &sdir.config, dir)?;
             return with_head(&sdir, self.device, regression, self.label_names, seed);
         }
         let tconfig = &self.teacher_dir.config;
@@ -342,6 +344,7 @@ impl StudentSpec<'_> {
             (config, teacher_weights.select_layers(layers)?)
         } else if let Some(path) = &a.student_config {
             let mut config = BertConfig::from_file(path)?;
+            same_family(tconfig, &config, path)?;
             ensure!(
                 config.vocab_size == tconfig.vocab_size,
                 "{}: vocab_size {} differs from the teacher's {}",
@@ -360,6 +363,21 @@ impl StudentSpec<'_> {
         };
         Ok(Bert::new(config, weights))
     }
+}
+
+/// The student reads the batches the teacher's tokenizer makes, and families number their
+/// vocabularies and special tokens differently: a student of another family would read the
+/// teacher's ids as other words.
+fn same_family(teacher: &BertConfig, student: &BertConfig, source: &Path) -> Result<()> {
+    let (t, s) = (Family::of(teacher), Family::of(student));
+    ensure!(
+        t == s,
+        "{}: a {} student cannot read the {} teacher's tokens; use a student of the teacher's family",
+        source.display(),
+        s.class_prefix(),
+        t.class_prefix()
+    );
+    Ok(())
 }
 
 fn token(tokenizer: &Tokenizer, name: &str) -> Result<u32> {

@@ -54,7 +54,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let train = gold.as_ref().unwrap_or(&task.train.set);
 
-    let mut session = Session::create(&args.out, &model.tokenizer_json, args.train.resume, args.train.log_every)?;
+    let mut session = Session::create(&args.out, &model.tokenizer_file, args.train.resume, args.train.log_every)?;
     let cfg = args.train.config(args.train.epochs, data.source.metric(), &session.state_dir("finetune"));
     let dev = task.dev.as_ref().map(|d| &d.set);
     let report = session.train("finetune", &mut bert, train, dev, &mut Ce, &cfg)?;

@@ -1,16 +1,19 @@
-//! A model folder as HF writes it: `config.json`, `model.safetensors`, `tokenizer.json`.
+//! A model folder as HF writes it: `config.json`, the weights (`model.safetensors` or shards),
+//! and `tokenizer.json` or `vocab.txt`.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Result};
 use kd_kernels::Device;
 use kd_model::bert::Bert;
+use kd_model::family::Family;
 use kd_model::{BertConfig, BertWeights, Tokenizer};
 
 pub struct ModelDir {
     pub dir: PathBuf,
     pub config: BertConfig,
     pub tokenizer: Tokenizer,
-    pub tokenizer_json: PathBuf,
+    /// The file the tokenizer was read from: `tokenizer.json`, or `vocab.txt` without one.
+    pub tokenizer_file: PathBuf,
 }
 
 impl ModelDir {
@@ -19,12 +22,12 @@ impl ModelDir {
     pub fn open(dir: &Path) -> Result<ModelDir> {
         ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let tokenizer_json = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tokenizer_json)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let tokenizer_file = tokenizer.path().to_path_buf();
         if tokenizer.vocab_size() > config.vocab_size {
             bail!(
                 "{}: {} tokens, but config.json's vocab_size is {}: the tokenizer is not this model's",
-                tokenizer_json.display(),
+                tokenizer_file.display(),
                 tokenizer.vocab_size(),
                 config.vocab_size
             );
@@ -32,22 +35,26 @@ impl ModelDir {
         if tokenizer.pad_id() != config.pad_token_id {
             bail!(
                 "{}: pads with token {}, but config.json's pad_token_id is {}: the tokenizer is not this model's",
-                tokenizer_json.display(),
+                tokenizer_file.display(),
                 tokenizer.pad_id(),
                 config.pad_token_id
             );
         }
-        Ok(ModelDir { dir: dir.to_path_buf(), config, tokenizer, tokenizer_json })
+        Ok(ModelDir { dir: dir.to_path_buf(), config, tokenizer, tokenizer_file })
     }
 
     pub fn weights(&self, device: &Device) -> Result<BertWeights> {
-        Ok(BertWeights::load(&self.dir.join("model.safetensors"), &self.config, device)?)
+        Ok(BertWeights::load_dir(&self.dir, &self.config, device)?)
     }
 
     /// Rejects a `--max-len` the position embeddings cannot hold.
     pub fn check_max_len(&self, max_len: usize) -> Result<()> {
         let positions = self.config.max_position_embeddings;
-        ensure!(max_len <= positions, "--max-len {max_len} exceeds the model's max_position_embeddings {positions}");
+        let tokens = Family::of(&self.config).max_tokens(&self.config);
+        ensure!(
+            max_len <= tokens,
+            "--max-len {max_len} exceeds the {tokens} tokens the model's max_position_embeddings {positions} allows"
+        );
         Ok(())
     }
 

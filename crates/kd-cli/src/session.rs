@@ -98,16 +98,16 @@ impl TrainArgs {
 /// OUT/metrics.jsonl, the resumable state in OUT/checkpoint[/stage].
 pub struct Session {
     pub out: PathBuf,
-    pub tokenizer_json: PathBuf,
+    pub tokenizer_file: PathBuf,
     log: MetricsLog,
     log_every: u64,
 }
 
 impl Session {
-    pub fn create(out: &Path, tokenizer_json: &Path, resume: bool, log_every: u64) -> Result<Session> {
+    pub fn create(out: &Path, tokenizer_file: &Path, resume: bool, log_every: u64) -> Result<Session> {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         let log = MetricsLog::open(&out.join("metrics.jsonl"), resume)?;
-        Ok(Session { out: out.to_path_buf(), tokenizer_json: tokenizer_json.to_path_buf(), log, log_every })
+        Ok(Session { out: out.to_path_buf(), tokenizer_file: tokenizer_file.to_path_buf(), log, log_every })
     }
 
     pub fn state_dir(&self, stage: &str) -> PathBuf {
@@ -144,7 +144,7 @@ impl Session {
         // Where no bar is drawn (a log file, CI), a line every tenth of the run says how it goes.
         let log_every = (steps / 10).max(1);
         let best_dir = self.out.join("best");
-        let tokenizer = self.tokenizer_json.clone();
+        let tokenizer = self.tokenizer_file.clone();
         let mut save_error: Option<anyhow::Error> = None;
         let log = &mut self.log;
         let (record_every, mut window) = (self.log_every, StepWindow::default());
@@ -193,7 +193,7 @@ impl Session {
     /// Writes the final model to OUT and closes the log.
     pub fn finish(self, bert: &Bert) -> Result<()> {
         self.log.finish()?;
-        kd_model::save_pretrained(&self.out, &bert.config, &bert.weights, &self.tokenizer_json)?;
+        kd_model::save_pretrained(&self.out, &bert.config, &bert.weights, &self.tokenizer_file)?;
         Ok(())
     }
 }

@@ -76,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
     let device = device(&args.device)?;
     let model = ModelDir::open(&args.model)?;
     model.check_max_len(args.data.max_len)?;
-    let masking = bert_masking(&model.tokenizer, &model.tokenizer_json)?;
+    let masking = bert_masking(&model.tokenizer, &model.tokenizer_file)?;
     let texts = match args.text.as_slice() {
         [] => {
             let data = args.data.options(None)?;
@@ -121,7 +121,7 @@ pub fn run(args: Args) -> Result<()> {
     let after = evaluate_mlm(&generator, &held_out, &masking, args.batch, args.seed)?;
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    kd_model::save_pretrained(&args.out, &generator.config, &generator.weights, &model.tokenizer_json)?;
+    kd_model::save_pretrained(&args.out, &generator.config, &generator.weights, &model.tokenizer_file)?;
 
     let score = |s: &MlmScore| json!({ "loss": s.loss, "accuracy": s.accuracy });
     if args.json {
@@ -153,9 +153,9 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// BERT's 15% / 80-10-10 masking with the tokenizer's own [MASK] and special ids.
-fn bert_masking(tokenizer: &Tokenizer, tokenizer_json: &Path) -> Result<Masking> {
+fn bert_masking(tokenizer: &Tokenizer, tokenizer_file: &Path) -> Result<Masking> {
     let Some(mask) = tokenizer.token_to_id("[MASK]") else {
-        bail!("{} has no [MASK] token: not a BERT (WordPiece) tokenizer", tokenizer_json.display())
+        bail!("{} has no [MASK] token: not a BERT (WordPiece) tokenizer", tokenizer_file.display())
     };
     let special = SPECIAL_TOKENS.iter().filter_map(|t| tokenizer.token_to_id(t));
     Ok(Masking::bert(mask, special.chain([tokenizer.pad_id()]).collect()))

@@ -20,6 +20,7 @@ use kd_kernels::rng::mix64;
 use kd_kernels::{Device, IdTensor, Tensor};
 
 use crate::config::BertConfig;
+use crate::family::{Family, HeadActivation};
 use crate::weights::{BertWeights, LayerNorm, Linear};
 use crate::{Error, Result};
 
@@ -142,6 +143,8 @@ pub struct Activations {
     emb_ln: Tensor,
     emb_mean: Tensor,
     emb_rstd: Tensor,
+    /// The embeddings' dropout output `[N, E]` when `embeddings_project` maps it to `hidden[0]`.
+    emb_out: Option<Tensor>,
     /// `hidden[0]` is the embedding output, `hidden[l + 1]` the output of layer `l` (but see
     /// [`Outputs::LogitsInference`]).
     pub hidden: Vec<Tensor>,
@@ -153,6 +156,9 @@ pub struct Activations {
     /// `[B, C]` classifier outputs (absent without a classifier head).
     pub logits: Option<Tensor>,
     used_inputs_embeds: bool,
+    /// The position ids of the last [`Bert::embed`] when the family numbers them from the
+    /// padding mask (RoBERTa); `None` when they are the batch's own 0, 1, 2, ...
+    positions: Option<IdTensor>,
     scratch: Option<Scratch>,
 }
 
@@ -194,6 +200,24 @@ impl RowScratch {
     }
 }
 
+/// The embeddings' gradients `[N, E]` when `embeddings_project` changes the width: d(its
+/// input), then as [`RowScratch`]'s `d_res` and `d_a`.
+struct EmbScratch {
+    dh: Tensor,
+    d_res: Tensor,
+    d_a: Tensor,
+}
+
+impl EmbScratch {
+    fn new(rows: usize, e: usize, device: &Device) -> Result<Self> {
+        Ok(EmbScratch {
+            dh: zeros(&[rows, e], device)?,
+            d_res: zeros(&[rows, e], device)?,
+            d_a: zeros(&[rows, e], device)?,
+        })
+    }
+}
+
 /// The [CLS]-row gradients of a logits-only last layer: its post-attention half and
 /// d(context) of those rows before they are scattered into the full `d_context`.
 struct ClsScratch {
@@ -207,6 +231,7 @@ struct ClsScratch {
 /// Scratch gradients of the activations, reused across steps.
 struct Scratch {
     rows: RowScratch,
+    emb: Option<EmbScratch>,
     cls: Option<ClsScratch>,
     dh_prev: Tensor,
     d_context: Tensor,
@@ -221,7 +246,7 @@ struct Scratch {
 
 impl Scratch {
     fn new(config: &BertConfig, batch: usize, seq: usize, cls_tail: bool, device: &Device) -> Result<Self> {
-        let (n, d) = (batch * seq, config.hidden_size);
+        let (n, d, e) = (batch * seq, config.hidden_size, config.embedding_size());
         let cls = || -> Result<ClsScratch> {
             Ok(ClsScratch {
                 rows: RowScratch::new(config, batch, device)?,
@@ -232,6 +257,7 @@ impl Scratch {
         };
         Ok(Scratch {
             rows: RowScratch::new(config, n, device)?,
+            emb: (e != d).then(|| EmbScratch::new(n, e, device)).transpose()?,
             cls: cls_tail.then(cls).transpose()?,
             dh_prev: zeros(&[n, d], device)?,
             d_context: zeros(&[batch, seq, d], device)?,
@@ -267,6 +293,22 @@ fn check_batch(acts: &Activations, batch: &EncoderBatch) -> Result<()> {
 }
 
 /// Seeds of the dropout sites: one per (site, layer), derived from the step's seed.
+/// RoBERTa's position ids (HF `create_position_ids_from_input_ids`): a row's real tokens count
+/// up from `pad_token_id + 1`, its padding takes `pad_token_id`. `None` for BERT's 0, 1, 2, ...
+fn family_positions(config: &BertConfig, batch: &EncoderBatch) -> Result<Option<IdTensor>> {
+    let Some(first) = Family::of(config).first_position(config) else { return Ok(None) };
+    let mask = batch.mask.to_vec()?;
+    let mut positions = Vec::with_capacity(mask.len());
+    for row in mask.chunks(batch.seq.max(1)) {
+        let mut next = first;
+        for &m in row {
+            positions.push(if m > 0.0 { next } else { config.pad_token_id });
+            next += u32::from(m > 0.0);
+        }
+    }
+    Ok(Some(IdTensor::from_vec(positions, &[mask.len()], &batch.mask.device())?))
+}
+
 fn site_seed(step_seed: u64, site: u64) -> u64 {
     mix64(step_seed ^ mix64(site.wrapping_add(1)))
 }
@@ -300,6 +342,7 @@ impl Activations {
         device: &Device,
     ) -> Result<Self> {
         let (n, d, h, i) = (batch * seq, config.hidden_size, config.num_attention_heads, config.intermediate_size);
+        let e = config.embedding_size();
         let num_layers = config.num_hidden_layers;
         let cls_tail = outputs != Outputs::All && num_layers > 0;
         // `rows`: the token rows of the post-attention half, N or the B [CLS] rows.
@@ -358,10 +401,11 @@ impl Activations {
             outputs,
             num_layers,
             mode: ForwardMode::default(),
-            emb_sum: zeros(&[n, d], device)?,
-            emb_ln: zeros(&[n, d], device)?,
+            emb_sum: zeros(&[n, e], device)?,
+            emb_ln: zeros(&[n, e], device)?,
             emb_mean: zeros(&[n], device)?,
             emb_rstd: zeros(&[n], device)?,
+            emb_out: (e != d).then(|| zeros(&[n, e], device)).transpose()?,
             hidden,
             layers,
             cls: zeros(&[batch, d], device)?,
@@ -370,6 +414,7 @@ impl Activations {
             pooled_dropped: zeros(&[batch, d], device)?,
             logits: num_labels.map(|c| zeros(&[batch, c], device)).transpose()?,
             used_inputs_embeds: false,
+            positions: None,
             scratch: None,
         })
     }
@@ -508,9 +553,10 @@ impl Bert {
 
     /// Buffers for a batch of `batch` examples of `seq` tokens, keeping `outputs`.
     pub fn activations_for(&self, batch: usize, seq: usize, outputs: Outputs) -> Result<Activations> {
-        if seq > self.config.max_position_embeddings {
+        let max_tokens = Family::of(&self.config).max_tokens(&self.config);
+        if seq > max_tokens {
             return Err(Error::Shape(format!(
-                "sequence length {seq} exceeds max_position_embeddings {}",
+                "sequence length {seq} exceeds the {max_tokens} tokens that max_position_embeddings {} allows",
                 self.config.max_position_embeddings
             )));
         }
@@ -558,10 +604,16 @@ impl Bert {
             }
             None => embedding::embedding_forward(&mut acts.emb_sum, &batch.ids, &e.word_embeddings, false)?,
         }
-        embedding::embedding_forward(&mut acts.emb_sum, &batch.positions, &e.position_embeddings, true)?;
+        acts.positions = family_positions(cfg, batch)?;
+        let positions = acts.positions.as_ref().unwrap_or(&batch.positions);
+        embedding::embedding_forward(&mut acts.emb_sum, positions, &e.position_embeddings, true)?;
         embedding::embedding_forward(&mut acts.emb_sum, &batch.type_ids, &e.token_type_embeddings, true)?;
         layer_norm(&mut acts.emb_ln, &mut acts.emb_mean, &mut acts.emb_rstd, &acts.emb_sum, &e.layer_norm, eps)?;
-        dropout::dropout_forward(&mut acts.hidden[0], &acts.emb_ln, p_hidden, site_seed(mode.seed, SITE_EMBEDDINGS))?;
+        let dropped = acts.emb_out.as_mut().unwrap_or(&mut acts.hidden[0]);
+        dropout::dropout_forward(dropped, &acts.emb_ln, p_hidden, site_seed(mode.seed, SITE_EMBEDDINGS))?;
+        if let (Some(project), Some(out)) = (&e.project, &acts.emb_out) {
+            linear(&mut acts.hidden[0], out, project)?;
+        }
         Ok(())
     }
 
@@ -663,7 +715,10 @@ impl Bert {
                 &acts.cls
             };
             linear(&mut acts.pooled_pre, cls, pooler)?;
-            gelu::tanh_forward(&mut acts.pooled, &acts.pooled_pre)?;
+            match Family::of(cfg).head_activation() {
+                HeadActivation::Tanh => gelu::tanh_forward(&mut acts.pooled, &acts.pooled_pre)?,
+                HeadActivation::Gelu => gelu::gelu_forward(&mut acts.pooled, &acts.pooled_pre)?,
+            }
             let p_cls = if mode.train { cfg.classifier_dropout() as f32 } else { 0.0 };
             dropout::dropout_forward(&mut acts.pooled_dropped, &acts.pooled, p_cls, site_seed(mode.seed, SITE_POOLER))?;
             linear(logits, &acts.pooled_dropped, classifier)?;
@@ -731,7 +786,10 @@ impl Bert {
             }
             linear_back(Some(&mut s.d_pooled_dropped), g_classifier, dlogits, &acts.pooled_dropped, classifier)?;
             dropout::dropout_backward(&mut s.d_pooled, &s.d_pooled_dropped, p_cls, site_seed(mode.seed, SITE_POOLER))?;
-            gelu::tanh_backward(&mut s.d_pooled_pre, &s.d_pooled, &acts.pooled)?;
+            match Family::of(cfg).head_activation() {
+                HeadActivation::Tanh => gelu::tanh_backward(&mut s.d_pooled_pre, &s.d_pooled, &acts.pooled)?,
+                HeadActivation::Gelu => gelu::gelu_backward(&mut s.d_pooled_pre, &s.d_pooled, &acts.pooled_pre)?,
+            }
             let last = acts.hidden.last().expect("at least the embedding output");
             if cls_tail {
                 // The pooler's input is the last hidden state itself.
@@ -876,28 +934,38 @@ impl Bert {
         let p_hidden = if mode.train { self.config.hidden_dropout_prob as f32 } else { 0.0 };
         let s =
             acts.scratch.as_mut().ok_or_else(|| Error::Shape("backward_embeddings before backward_encoder".into()))?;
-        // s.rows.dh is d(hidden[0]); hidden[0] = dropout(LN(word + position + token type))
-        let s = &mut s.rows;
-        s.d_res.fill(0.0)?;
-        dropout::dropout_backward(&mut s.d_res, &s.dh, p_hidden, site_seed(mode.seed, SITE_EMBEDDINGS))?;
-        s.d_a.fill(0.0)?;
+        // s.rows.dh is d(hidden[0]); hidden[0] = [project](dropout(LN(word + position + token type)))
         let (ge, e) = (&mut grads.embeddings, &w.embeddings);
+        let Scratch { rows, emb, .. } = s;
+        let (dh, d_res, d_a) = match (emb, &e.project, &mut ge.project, &acts.emb_out) {
+            (Some(s), Some(project), Some(g_project), Some(out)) => {
+                s.dh.fill(0.0)?;
+                linear_back(Some(&mut s.dh), g_project, &rows.dh, out, project)?;
+                (&s.dh, &mut s.d_res, &mut s.d_a)
+            }
+            (None, None, _, _) => (&rows.dh, &mut rows.d_res, &mut rows.d_a),
+            _ => return Err(Error::Shape("embeddings_project without its buffers or gradient".into())),
+        };
+        d_res.fill(0.0)?;
+        dropout::dropout_backward(d_res, dh, p_hidden, site_seed(mode.seed, SITE_EMBEDDINGS))?;
+        d_a.fill(0.0)?;
         layernorm::layernorm_backward(
-            &mut s.d_a,
+            d_a,
             &mut ge.layer_norm.weight,
             &mut ge.layer_norm.bias,
-            &s.d_res,
+            d_res,
             &acts.emb_sum,
             &acts.emb_mean,
             &acts.emb_rstd,
             &e.layer_norm.weight,
         )?;
-        embedding::embedding_backward(&mut ge.position_embeddings, &s.d_a, &batch.positions)?;
-        embedding::embedding_backward(&mut ge.token_type_embeddings, &s.d_a, &batch.type_ids)?;
+        let positions = acts.positions.as_ref().unwrap_or(&batch.positions);
+        embedding::embedding_backward(&mut ge.position_embeddings, d_a, positions)?;
+        embedding::embedding_backward(&mut ge.token_type_embeddings, d_a, &batch.type_ids)?;
         match (acts.used_inputs_embeds, d_inputs_embeds) {
-            (true, Some(dx)) => bias::add_inplace(dx, &s.d_a)?,
+            (true, Some(dx)) => bias::add_inplace(dx, d_a)?,
             (true, None) => {}
-            (false, _) => embedding::embedding_backward(&mut ge.word_embeddings, &s.d_a, &batch.ids)?,
+            (false, _) => embedding::embedding_backward(&mut ge.word_embeddings, d_a, &batch.ids)?,
         }
         Ok(())
     }

@@ -75,6 +75,17 @@ fn id_keyed<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<BTree
         .map(Some)
 }
 
+/// The `model_type`s kd runs; a config without one is taken as BERT.
+pub const MODEL_TYPES: [&str; 3] = ["bert", "roberta", "electra"];
+
+fn check_model_type(model_type: Option<&Value>) -> Result<()> {
+    match model_type {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if MODEL_TYPES.contains(&s.as_str()) => Ok(()),
+        Some(v) => Err(Error::Config(format!("model_type {v} is not supported (kd runs {})", MODEL_TYPES.join(", ")))),
+    }
+}
+
 const PROBLEM_TYPES: [&str; 3] = ["regression", "single_label_classification", "multi_label_classification"];
 
 impl BertConfig {
@@ -82,8 +93,11 @@ impl BertConfig {
     /// default label names when none are given, as in HF.
     pub fn from_file(path: &Path) -> Result<BertConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not JSON: {e}")))?;
+        // Another family's config lacks BERT's keys: its model type is the useful complaint.
+        check_model_type(value.get("model_type")).map_err(|e| Error::file(path, e))?;
         let mut config: BertConfig =
-            serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not a BERT config.json: {e}")))?;
+            serde_json::from_value(value).map_err(|e| Error::file(path, format!("not a BERT config.json: {e}")))?;
         if let Some(n) = config.extra.remove("num_labels") {
             let n = n.as_u64().ok_or_else(|| Error::file(path, format!("num_labels {n} is not a count")))? as usize;
             let named = config.id2label.as_ref().map(BTreeMap::len).or(config.label2id.as_ref().map(BTreeMap::len));
@@ -112,6 +126,12 @@ impl BertConfig {
     /// HF's `classifier_dropout`, falling back to the hidden dropout when unset or null.
     pub fn classifier_dropout(&self) -> f64 {
         self.extra.get("classifier_dropout").and_then(|v| v.as_f64()).unwrap_or(self.hidden_dropout_prob)
+    }
+
+    /// ELECTRA's `embedding_size`: the width of the embedding tables, projected to
+    /// `hidden_size` by `embeddings_project` when it differs; `hidden_size` for other models.
+    pub fn embedding_size(&self) -> usize {
+        self.extra.get("embedding_size").and_then(Value::as_u64).map_or(self.hidden_size, |e| e as usize)
     }
 
     pub fn head_dim(&self) -> usize {
@@ -215,12 +235,11 @@ impl BertConfig {
         if let Some(p) = self.problem_type.as_deref().filter(|p| !PROBLEM_TYPES.contains(p)) {
             return fail(format!("problem_type '{p}' is not one of {PROBLEM_TYPES:?}"));
         }
-        for (key, supported) in [("model_type", "bert"), ("position_embedding_type", "absolute")] {
-            match self.extra.get(key) {
-                None | Some(Value::Null) => {}
-                Some(Value::String(s)) if s == supported => {}
-                Some(v) => return fail(format!("{key} {v} is not supported (only \"{supported}\")")),
-            }
+        check_model_type(self.extra.get("model_type"))?;
+        match self.extra.get("position_embedding_type") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "absolute" => {}
+            Some(v) => return fail(format!("position_embedding_type {v} is not supported (only \"absolute\")")),
         }
         for key in ["is_decoder", "add_cross_attention"] {
             if self.extra.get(key) == Some(&Value::Bool(true)) {

@@ -6,11 +6,14 @@
 pub mod bert;
 pub mod config;
 pub mod error;
+pub mod family;
+pub mod folder;
 pub mod mlm;
 pub mod optim;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
+mod wordpiece;
 
 pub use config::BertConfig;
 pub use error::{Error, Result};

@@ -27,19 +27,47 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `tokenizer.json`. The padding and truncation it may bake in (the MiniLM files pad
     /// every input to 128) are switched off: [`encode_batch`](Self::encode_batch) sets both per
-    /// call. The pad id is the file's padding id, else the id of `[PAD]`.
+    /// call. The pad id is the file's padding id, else the id of `[PAD]` (BERT) or `<pad>` (RoBERTa).
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::file(path, e))?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::file(path, e))?;
+        Self::wrap(inner, path)
+    }
+
+    /// The tokenizer of a model folder: its `tokenizer.json`, else a BERT WordPiece tokenizer
+    /// built from its `vocab.txt` (and `tokenizer_config.json`).
+    pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
+        let json = dir.join("tokenizer.json");
+        if json.is_file() {
+            return Self::from_file(&json);
+        }
+        let vocab = dir.join("vocab.txt");
+        if vocab.is_file() {
+            return Self::wrap(crate::wordpiece::from_vocab(&vocab)?, &vocab);
+        }
+        Err(Error::file(dir, "no tokenizer: neither tokenizer.json nor vocab.txt"))
+    }
+
+    fn wrap(mut inner: tokenizers::Tokenizer, path: &Path) -> Result<Tokenizer> {
         let (pad_id, pad_type_id) = match inner.get_padding() {
             Some(p) => (p.pad_id, p.pad_type_id),
             None => {
-                let id = inner.token_to_id("[PAD]");
-                (id.ok_or_else(|| Error::file(path, "no padding token: neither padding settings nor [PAD]"))?, 0)
+                let id = ["[PAD]", "<pad>"].iter().find_map(|t| inner.token_to_id(t));
+                (
+                    id.ok_or_else(|| {
+                        Error::file(path, "no padding token: neither padding settings nor [PAD] or <pad>")
+                    })?,
+                    0,
+                )
             }
         };
         inner.with_padding(None);
         inner.with_truncation(None).map_err(|e| Error::file(path, e))?;
         Ok(Tokenizer { inner, path: path.to_path_buf(), pad_id, pad_type_id })
+    }
+
+    /// The file the tokenizer was read from (`tokenizer.json` or `vocab.txt`).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn pad_id(&self) -> u32 {

@@ -10,6 +10,7 @@ use kd_kernels::io::HostArray;
 use kd_kernels::rng::Rng;
 use kd_kernels::{Device, Tensor};
 
+use crate::family::Family;
 use crate::{BertConfig, Error, Result};
 
 /// A dense layer, `y = x W^T + b` with `weight` `[out, in]` (PyTorch's layout).
@@ -32,6 +33,9 @@ pub struct Embeddings {
     pub position_embeddings: Tensor,
     pub token_type_embeddings: Tensor,
     pub layer_norm: LayerNorm,
+    /// ELECTRA's `embeddings_project` from the embedding width to the hidden width, when they
+    /// differ.
+    pub project: Option<Linear>,
 }
 
 /// One encoder layer (HF `BertLayer`).
@@ -70,6 +74,7 @@ const WORD_EMBEDDINGS: &str = "bert.embeddings.word_embeddings.weight";
 const POSITION_EMBEDDINGS: &str = "bert.embeddings.position_embeddings.weight";
 const TOKEN_TYPE_EMBEDDINGS: &str = "bert.embeddings.token_type_embeddings.weight";
 const EMBEDDINGS_LAYER_NORM: &str = "bert.embeddings.LayerNorm";
+const EMBEDDINGS_PROJECT: &str = "bert.embeddings_project";
 const LAYER: &str = "bert.encoder.layer.";
 const QUERY: &str = "attention.self.query";
 const KEY: &str = "attention.self.key";
@@ -91,6 +96,8 @@ const MLM_DECODER_BIAS: &str = "cls.predictions.decoder.bias";
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Dims {
     vocab: usize,
+    /// The embedding tables' width (ELECTRA's `embedding_size`; `hidden` elsewhere).
+    embedding: usize,
     hidden: usize,
     intermediate: usize,
     max_positions: usize,
@@ -105,6 +112,7 @@ impl Dims {
     fn of_config(c: &BertConfig, pooler: bool, labels: Option<usize>, mlm: bool) -> Dims {
         Dims {
             vocab: c.vocab_size,
+            embedding: c.embedding_size(),
             hidden: c.hidden_size,
             intermediate: c.intermediate_size,
             max_positions: c.max_position_embeddings,
@@ -158,6 +166,9 @@ macro_rules! walk {
         $f(POSITION_EMBEDDINGS, &$($m)? e.position_embeddings)?;
         $f(TOKEN_TYPE_EMBEDDINGS, &$($m)? e.token_type_embeddings)?;
         pair!(EMBEDDINGS_LAYER_NORM, e.layer_norm);
+        if let Some(p) = &$($m)? e.project {
+            pair!(EMBEDDINGS_PROJECT, p);
+        }
         for (i, l) in (&$($m)? $w.layers).into_iter().enumerate() {
             pair!(format!("{LAYER}{i}.{QUERY}"), l.query);
             pair!(format!("{LAYER}{i}.{KEY}"), l.key);
@@ -186,12 +197,13 @@ macro_rules! walk {
 impl BertWeights {
     /// Creates every parameter of the structure `d` describes through `make`, in walk order.
     fn build(d: &Dims, make: &mut Make) -> Result<BertWeights> {
-        let (h, i) = (d.hidden, d.intermediate);
+        let (e, h, i) = (d.embedding, d.hidden, d.intermediate);
         let embeddings = Embeddings {
-            word_embeddings: make(WORD_EMBEDDINGS, &[d.vocab, h])?,
-            position_embeddings: make(POSITION_EMBEDDINGS, &[d.max_positions, h])?,
-            token_type_embeddings: make(TOKEN_TYPE_EMBEDDINGS, &[d.type_vocab, h])?,
-            layer_norm: layer_norm(make, EMBEDDINGS_LAYER_NORM, h)?,
+            word_embeddings: make(WORD_EMBEDDINGS, &[d.vocab, e])?,
+            position_embeddings: make(POSITION_EMBEDDINGS, &[d.max_positions, e])?,
+            token_type_embeddings: make(TOKEN_TYPE_EMBEDDINGS, &[d.type_vocab, e])?,
+            layer_norm: layer_norm(make, EMBEDDINGS_LAYER_NORM, e)?,
+            project: (e != h).then(|| linear(make, EMBEDDINGS_PROJECT, h, e)).transpose()?,
         };
         let layers = (0..d.layers)
             .map(|n| {
@@ -223,7 +235,8 @@ impl BertWeights {
         let e = &self.embeddings;
         Dims {
             vocab: dim(&e.word_embeddings, 0),
-            hidden: dim(&e.word_embeddings, 1),
+            embedding: dim(&e.word_embeddings, 1),
+            hidden: self.layers.first().map_or(dim(&e.word_embeddings, 1), |l| dim(&l.query.weight, 0)),
             intermediate: self.layers.first().map_or(0, |l| dim(&l.intermediate.weight, 0)),
             max_positions: dim(&e.position_embeddings, 0),
             type_vocab: dim(&e.token_type_embeddings, 0),
@@ -420,7 +433,7 @@ impl BertWeights {
         source: &Path,
     ) -> Result<BertWeights> {
         config.validate()?;
-        let mut file = Checkpoint::new(source, arrays)?;
+        let mut file = Checkpoint::new(source, arrays, Family::of(config))?;
         let has = |name: &str| file.tensors.contains_key(name);
         let pooler = has(&format!("{POOLER}.weight"));
         let labels = has(&format!("{CLASSIFIER}.weight")).then(|| config.num_labels());
@@ -435,9 +448,14 @@ impl BertWeights {
     /// Writes `model.safetensors` with `BertForSequenceClassification` / `BertForMaskedLM`
     /// names (the tied decoder is left out, as `transformers` does), atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_as(path, Family::Bert)
+    }
+
+    /// [`save`](Self::save) under `family`'s names.
+    pub fn save_as(&self, path: &Path, family: Family) -> Result<()> {
         let mut arrays = BTreeMap::new();
         self.try_visit(&mut |name, t| -> Result<()> {
-            arrays.insert(name.to_string(), HostArray { shape: t.shape().to_vec(), data: t.to_vec()? });
+            arrays.insert(family.file_name(name), HostArray { shape: t.shape().to_vec(), data: t.to_vec()? });
             Ok(())
         })?;
         // `transformers` refuses safetensors files without a framework tag.
@@ -463,7 +481,7 @@ fn init_tensor(name: &str, shape: &[usize], config: &BertConfig, seed: u64, devi
         let mut rng = Rng::new(seed ^ name_hash);
         let mut v: Vec<f32> = (0..n).map(|_| (rng.normal() * config.initializer_range) as f32).collect();
         if name == WORD_EMBEDDINGS {
-            let (pad, h) = (config.pad_token_id as usize, config.hidden_size);
+            let (pad, h) = (config.pad_token_id as usize, shape[1]);
             v[pad * h..(pad + 1) * h].fill(0.0);
         }
         v
@@ -475,30 +493,31 @@ fn init_tensor(name: &str, shape: &[usize], config: &BertConfig, seed: u64, devi
 /// model is built; what is left at the end is unknown.
 struct Checkpoint {
     path: PathBuf,
-    /// Whether the file names the encoder without the `bert.` prefix (a `BertModel` file);
+    /// Whether the file names the encoder without the family's prefix (a `BertModel` file);
     /// errors then use the file's spelling.
     bare: bool,
+    family: Family,
     /// canonical name -> (name in the file, array)
     tensors: BTreeMap<String, (String, HostArray)>,
 }
 
 impl Checkpoint {
-    fn new(path: &Path, arrays: BTreeMap<String, HostArray>) -> Result<Checkpoint> {
-        let bare = !arrays.keys().any(|k| k.starts_with("bert."));
+    fn new(path: &Path, arrays: BTreeMap<String, HostArray>, family: Family) -> Result<Checkpoint> {
+        let bare = !arrays.keys().filter_map(|k| family.canonical_name(k)).any(|k| k.starts_with("bert."));
         let mut tensors = BTreeMap::new();
         for (name, array) in arrays {
-            let Some(canonical) = canonical_name(&name) else { continue };
+            let Some(canonical) = family.canonical_name(&name).and_then(|n| canonical_name(&n)) else { continue };
             if let Some((first, _)) = tensors.insert(canonical.clone(), (name.clone(), array)) {
                 return Err(tensor_err(path, &name, format!("duplicates '{first}' (both are {canonical})")));
             }
         }
-        Ok(Checkpoint { path: path.to_path_buf(), bare, tensors })
+        Ok(Checkpoint { path: path.to_path_buf(), bare, family, tensors })
     }
 
-    fn file_name<'a>(&self, canonical: &'a str) -> &'a str {
-        match self.bare {
-            true => canonical.strip_prefix("bert.").unwrap_or(canonical),
-            false => canonical,
+    fn file_name(&self, canonical: &str) -> String {
+        match canonical.strip_prefix("bert.").filter(|_| self.bare) {
+            Some(bare) => bare.to_string(),
+            None => self.family.file_name(canonical),
         }
     }
 
@@ -526,7 +545,7 @@ impl Checkpoint {
 
     fn take(&mut self, canonical: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         let Some((name, array)) = self.tensors.remove(canonical) else {
-            return Err(tensor_err(&self.path, self.file_name(canonical), "is missing"));
+            return Err(tensor_err(&self.path, &self.file_name(canonical), "is missing"));
         };
         if array.shape != shape {
             return Err(shape_err(&self.path, &name, &array.shape, shape));
@@ -576,37 +595,40 @@ fn shape_err(path: &Path, name: &str, found: &[usize], expected: &[usize]) -> Er
     tensor_err(path, name, format!("has shape {found:?}, expected {expected:?} (from config.json)"))
 }
 
-/// The files of a tokenizer that travel with `tokenizer.json` when present beside it.
-const TOKENIZER_SIDE_FILES: [&str; 3] = ["vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];
+/// The tokenizer files that travel with a model, whichever are present.
+const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];
 
 /// Writes a HF model folder that `transformers` loads as-is: `config.json` (labels and
 /// `architectures` set from the heads present), `model.safetensors`, and the tokenizer files
-/// copied from beside `tokenizer_json`. Every file is written atomically; all sources are read
-/// before anything is written.
-pub fn save_pretrained(dir: &Path, config: &BertConfig, weights: &BertWeights, tokenizer_json: &Path) -> Result<()> {
+/// copied from beside `tokenizer_file` (the file the tokenizer was read from, which must
+/// exist). Every file is written atomically; all sources are read before anything is written.
+pub fn save_pretrained(dir: &Path, config: &BertConfig, weights: &BertWeights, tokenizer_file: &Path) -> Result<()> {
     let mut config = config.clone();
     if let Some(c) = &weights.classifier {
         config.set_num_labels(c.weight.shape().first().copied().unwrap_or(0));
     }
     weights.check(&config)?;
+    let family = Family::of(&config);
     let architecture = match (&weights.classifier, &weights.mlm_head) {
-        (Some(_), _) => "BertForSequenceClassification",
-        (None, Some(_)) => "BertForMaskedLM",
-        (None, None) => "BertModel",
+        (Some(_), _) => "ForSequenceClassification",
+        (None, Some(_)) => "ForMaskedLM",
+        (None, None) => "Model",
     };
+    let architecture = format!("{}{architecture}", family.class_prefix());
     config.extra.insert("architectures".into(), serde_json::json!([architecture]));
 
     let read = |p: &Path| std::fs::read(p).map_err(|e| Error::file(p, e));
-    let mut tokenizer_files = vec![("tokenizer.json", read(tokenizer_json)?)];
-    let source_dir = tokenizer_json.parent().unwrap_or(Path::new("."));
-    for name in TOKENIZER_SIDE_FILES {
+    read(tokenizer_file)?;
+    let source_dir = tokenizer_file.parent().unwrap_or(Path::new("."));
+    let mut tokenizer_files = Vec::new();
+    for name in TOKENIZER_FILES {
         let p = source_dir.join(name);
         if p.is_file() {
             tokenizer_files.push((name, read(&p)?));
         }
     }
 
-    weights.save(&dir.join("model.safetensors"))?;
+    weights.save_as(&dir.join("model.safetensors"), family)?;
     config.save(&dir.join("config.json"))?;
     for (name, bytes) in tokenizer_files {
         kd_kernels::io::write_atomic(&dir.join(name), &bytes)?;

@@ -113,3 +113,14 @@ fn rejects_configs_kd_cannot_run() {
     let err = BertConfig::from_file(&dir.join("absent.json")).unwrap_err().to_string();
     assert!(err.contains("absent.json"), "{err}");
 }
+
+#[test]
+fn unknown_model_type_is_named_with_the_supported_ones() {
+    let dir = common::temp_dir("config-model-type");
+    let path = dir.join("config.json");
+    // An XLNet config has none of BERT's keys: the model type must be checked before them.
+    std::fs::write(&path, r#"{"model_type": "xlnet", "d_model": 8, "n_layer": 1}"#).unwrap();
+    let err = BertConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("\"xlnet\"") && err.contains("bert"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

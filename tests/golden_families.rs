@@ -1,0 +1,103 @@
+//! The encoder families besides BERT against transformers: the tiny random models that
+//! scripts/make_family_goldens.py writes to tests/assets/families (committed, so this runs
+//! without Python), loaded as a user's folder would be. Logits and every hidden state within
+//! 1e-5, every parameter's gradient of the mean cross-entropy within 1e-4 relative, on the CPU
+//! and, where there is one, on GPU 0 (`kd_kernels::testing::devices`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kd_kernels::io::{read_safetensors, HostArray};
+use kd_kernels::{testing, Device, IdTensor, Tensor};
+use kd_methods::losses;
+use kd_model::bert::{Bert, EncoderBatch, ForwardMode};
+use kd_model::family::Family;
+use kd_model::{BertConfig, BertWeights};
+
+fn folder(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets/families").join(family)
+}
+
+struct Golden(BTreeMap<String, HostArray>);
+
+impl Golden {
+    fn get(&self, name: &str) -> &HostArray {
+        self.0.get(name).unwrap_or_else(|| panic!("golden tensor {name} missing"))
+    }
+
+    fn ids(&self, name: &str) -> Vec<u32> {
+        self.get(name).data.iter().map(|&v| v as u32).collect()
+    }
+}
+
+fn max_abs_diff(got: &Tensor, want: &HostArray) -> f32 {
+    assert_eq!(got.numel(), want.data.len());
+    got.to_vec().unwrap().iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+}
+
+/// ||got - want|| / ||want||.
+fn rel_err(got: &Tensor, want: &HostArray) -> f64 {
+    let g = got.to_vec().unwrap();
+    let num: f64 = g.iter().zip(&want.data).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let den: f64 = want.data.iter().map(|&b| (b as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn check_family(name: &str, device: &Device) {
+    let dir = folder(name);
+    let g = Golden(read_safetensors(&dir.join("golden.safetensors")).unwrap());
+    let config = BertConfig::from_file(&dir.join("config.json")).unwrap();
+    let family = Family::of(&config);
+    let bert = Bert::new(config.clone(), BertWeights::load_dir(&dir, &config, device).unwrap());
+
+    let shape = &g.get("input_ids").shape;
+    let (b, l) = (shape[0], shape[1]);
+    let ids = g.ids("input_ids");
+    let batch = EncoderBatch::new(&ids, &vec![0; b * l], &g.get("attention_mask").data, b, l, device).unwrap();
+    let mut acts = bert.activations(b, l).unwrap();
+    bert.forward(&mut acts, &batch, None, ForwardMode { train: false, seed: 0, keep_scores: true }).unwrap();
+    let err = max_abs_diff(acts.logits.as_ref().unwrap(), g.get("logits"));
+    assert!(err < 1e-5, "{device}: {name} logits max abs err {err}");
+    assert_eq!(acts.hidden.len(), config.num_hidden_layers + 1);
+    for (i, h) in acts.hidden.iter().enumerate() {
+        let err = max_abs_diff(h, g.get(&format!("hidden.{i}")));
+        assert!(err < 1e-5, "{device}: {name} hidden {i} max abs err {err}");
+    }
+
+    let labels = IdTensor::from_vec(g.ids("labels"), &[b], device).unwrap();
+    let mut out_grads = acts.output_grads().unwrap();
+    let loss = losses::cross_entropy(&mut out_grads, &acts, &labels, None, 1.0).unwrap();
+    let want = g.get("loss").data[0];
+    assert!(((loss - want) / want).abs() < 1e-5, "{device}: {name} loss {loss}, transformers {want}");
+    let mut grads = bert.weights.zeros_like().unwrap();
+    bert.backward(&mut grads, &mut acts, &out_grads, &batch, None).unwrap();
+    let mut checked = 0;
+    grads.visit(&mut |param: &str, grad: &Tensor| {
+        if param.ends_with("attention.self.key.bias") {
+            // Zero in exact arithmetic (it shifts every score of a softmax row equally): both
+            // sides hold only rounding noise, so check that ours is noise-sized.
+            let norm = grad.to_vec().unwrap().iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!(norm < 1e-6, "{device}: {name}: {param} should be ~0, norm {norm}");
+            return;
+        }
+        let err = rel_err(grad, g.get(&format!("grad.{}", family.file_name(param))));
+        assert!(err < 1e-4, "{device}: {name}: {param} rel err {err}");
+        checked += 1;
+    });
+    let params = g.0.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(checked + config.num_hidden_layers, params, "{device}: {name}: every gradient compared");
+}
+
+#[test]
+fn roberta_matches_transformers() {
+    for device in testing::devices() {
+        check_family("roberta", &device);
+    }
+}
+
+#[test]
+fn electra_matches_transformers() {
+    for device in testing::devices() {
+        check_family("electra", &device);
+    }
+}
