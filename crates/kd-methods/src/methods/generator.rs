@@ -249,7 +249,7 @@ pub fn train_generator(
                 let (mut mlm, rows) = mlm_pass(generator, &masked, Some(1.0 / p as f32))?;
                 let loss: f64 = rows.iter().map(|&v| v as f64).sum();
                 if !loss.is_finite() {
-                    return Err(Error::NonFinite(format!("MLM loss is {loss} at step {}", step + 1)));
+                    return Err(Error::NonFinite(format!("the generator's MLM loss is {loss} at step {}", step + 1)));
                 }
                 (loss_sum, tokens) = (loss_sum + loss, tokens + p);
                 log.push("mlm", (loss / p as f64) as f32);
@@ -257,7 +257,7 @@ pub fn train_generator(
                 let w = &mut generator.weights;
                 let head = w.mlm_head.as_mut().expect("checked above");
                 head.backward(&mut grads, None, None, &mut mlm, &w.embeddings.word_embeddings)?;
-                optimizer.update(head, &mut grads)?;
+                optimizer.update(head, &mut grads).map_err(crate::trainer::of_model("the generator's MLM head's"))?;
             }
             step += 1;
             let lr = optimizer.lr();
