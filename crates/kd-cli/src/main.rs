@@ -20,6 +20,7 @@ mod noise;
 mod predict;
 mod pseudo_label;
 mod report;
+mod run_dir;
 mod session;
 mod train_generator;
 

@@ -63,6 +63,12 @@ pub fn run(args: Args) -> Result<()> {
     ensure!(args.epochs > 0, "--epochs must be at least 1");
     ensure!(args.batch > 0, "--batch must be at least 1");
     ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr must be a positive number");
+    let mut inputs = args.data.inputs();
+    inputs.push(("--model", args.model.as_path()));
+    if let Some(text) = &args.text {
+        inputs.push(("--text", text.as_path()));
+    }
+    crate::run_dir::check_out(&args.out, &inputs)?;
     let device = device(&args.device)?;
     let model = ModelDir::open(&args.model)?;
     model.check_max_len(args.data.max_len)?;

@@ -89,7 +89,13 @@ impl DataSource {
 
     /// As [`DataSource::load`]; `allow_new_labels` accepts labels outside the set of generic
     /// files (GLUE's sets are the tasks' own).
-    pub fn load_labels(&self, split: Split, labels: Labels, skip_bad_rows: bool, allow_new_labels: bool) -> Result<Dataset> {
+    pub fn load_labels(
+        &self,
+        split: Split,
+        labels: Labels,
+        skip_bad_rows: bool,
+        allow_new_labels: bool,
+    ) -> Result<Dataset> {
         match self {
             DataSource::Glue { task, dir } => {
                 let mut spec = task.table_spec(split, skip_bad_rows);

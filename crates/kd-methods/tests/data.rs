@@ -170,10 +170,7 @@ fn glue_layouts_of_qqp_mnli_qnli_wnli() {
     assert_eq!(wnli.examples, [ex("A.", "B.", Label::None)]);
     assert_eq!(wnli.label_names, ["0", "1"]);
     let err = write(GlueTask::Qnli, Split::Dev, &format!("{qnli_header}0\tWho?\tHim.\tmaybe\n")).unwrap_err();
-    assert!(
-        err.to_string().contains("dev.tsv:2: unknown label 'maybe' (labels: entailment, not_entailment;"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("dev.tsv:2: unknown label 'maybe' (labels: entailment, not_entailment;"), "{err}");
 }
 
 #[test]
@@ -225,7 +222,12 @@ fn labels_outside_the_tasks_set_are_bad_rows_unless_allowed() {
         ("float.tsv", "text\tlabel\na\t0\nb\t1\nc\t1.0\nd\t0\n", 4, "label '1.0' is not a class id"),
         // An integer among names, and a name spelt two ways.
         ("int.tsv", "text\tlabel\na\tpos\nb\tneg\nc\t1\nd\tpos\n", 4, "label '1' is an integer among"),
-        ("case.tsv", "text\tlabel\na\tpos\nb\tneg\nc\tPos\n", 4, "label 'Pos' differs from the label 'pos' only in case"),
+        (
+            "case.tsv",
+            "text\tlabel\na\tpos\nb\tneg\nc\tPos\n",
+            4,
+            "label 'Pos' differs from the label 'pos' only in case",
+        ),
     ];
     for (name, text, line, reason) in cases {
         let path = temp_file(name, text);
@@ -244,10 +246,10 @@ fn labels_outside_the_tasks_set_are_bad_rows_unless_allowed() {
         assert!(d.skipped.is_empty() && d.label_names.len() > 2, "{name}: {:?}", d.label_names);
     }
     // The allowed gap: ids 0..=7, six classes without an example.
-    let d = load_table(&temp_file("gap.tsv", cases[0].1), &TableSpec {
-        allow_new_labels: true,
-        ..spec(Format::Tsv, "text", None, Some("label"), CLASSES)
-    })
+    let d = load_table(
+        &temp_file("gap.tsv", cases[0].1),
+        &TableSpec { allow_new_labels: true, ..spec(Format::Tsv, "text", None, Some("label"), CLASSES) },
+    )
     .unwrap();
     assert_eq!(d.label_names.len(), 8);
 
@@ -259,7 +261,10 @@ fn labels_outside_the_tasks_set_are_bad_rows_unless_allowed() {
     assert!(err.starts_with(&format!("{}:3: unknown label '7' (labels: 0, 1;", path.display())), "{err}");
     s.allow_new_labels = true;
     let d = load_table(&path, &s).unwrap();
-    assert_eq!((labels(&d), d.label_names), (vec![Label::Class(1), Label::Class(2)], vec!["0".into(), "1".into(), "7".to_string()]));
+    assert_eq!(
+        (labels(&d), d.label_names),
+        (vec![Label::Class(1), Label::Class(2)], vec!["0".into(), "1".into(), "7".to_string()])
+    );
 
     // Huge ids are refused even when allowed (they would make as many classes).
     let path = temp_file("huge.tsv", "text\tlabel\na\t0\nb\t99999999999\n");

@@ -4,6 +4,7 @@
 use kd_kernels::rng::Rng;
 use kd_kernels::{Device, IdTensor, Tensor};
 use kd_methods::batching::{collate, gather_targets, BatchTargets, Encoded, EncodedSet, Targets};
+use kd_methods::checkpoint::{CheckpointConfig, OwnPart, PartMut};
 use kd_methods::data::{Dataset, Example, Label};
 use kd_methods::methods::ce::Ce;
 use kd_methods::methods::kd::TeacherLogits;
@@ -14,7 +15,6 @@ use kd_methods::methods::noisy_relabel::{trust_weights, NoisyRelabel, RelabelPar
 use kd_methods::methods::teacher::CachedLogits;
 use kd_methods::metrics::MetricKind;
 use kd_methods::noise::{inject, NoiseModel};
-use kd_methods::checkpoint::{CheckpointConfig, OwnPart, PartMut};
 use kd_methods::trainer::{evaluate, predict, train, Event, Objective, StepInput, TrainConfig};
 use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode};
 use kd_model::{BertConfig, BertWeights};

@@ -187,8 +187,12 @@ fn model_label_names_fix_the_ids_and_placeholders_mean_integers() {
 fn glue_train_cut_is_seeded_and_dev_is_whole() {
     let Some(tok) = tokenizer() else { return };
     let Some(dir) = asset("data/glue/SST-2") else { return };
-    let opts =
-        DataOptions { source: DataSource::Glue { task: GlueTask::Sst2, dir }, max_len: 32, skip_bad_rows: false, allow_new_labels: false };
+    let opts = DataOptions {
+        source: DataSource::Glue { task: GlueTask::Sst2, dir },
+        max_len: 32,
+        skip_bad_rows: false,
+        allow_new_labels: false,
+    };
     let a = opts.train_dev(&tok, Some(100), 7).unwrap();
     let b = opts.train_dev(&tok, Some(100), 7).unwrap();
     let c = opts.train_dev(&tok, Some(100), 8).unwrap();

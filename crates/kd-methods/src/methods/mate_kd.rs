@@ -56,7 +56,7 @@ use crate::checkpoint;
 use crate::losses;
 use crate::methods::generator::{mask_batch, MaskedBatch, Masking};
 use crate::methods::teacher::check_compatible;
-use crate::trainer::{argmax, of_model, batches, DevScores, Event, LossLog, TrainConfig, TrainReport};
+use crate::trainer::{argmax, batches, of_model, DevScores, Event, LossLog, TrainConfig, TrainReport};
 use crate::{Error, Result};
 
 /// MATE-KD's own settings; the student's optimiser comes from the run's [`TrainConfig`].
@@ -454,7 +454,9 @@ impl<'t> MateKd<'t> {
         let dy = pass.d_samples(self.teacher, student, &mut self.teacher_grads, &mut self.student_grads, -1.0)?;
         self.generator_grads.zero()?;
         generator_backward(generator, &mut pass.perturbation, &dy, self.config.gumbel_tau, &mut self.generator_grads)?;
-        self.generator_optimizer.update(&mut generator.weights, &mut self.generator_grads).map_err(of_model("the generator's"))?;
+        self.generator_optimizer
+            .update(&mut generator.weights, &mut self.generator_grads)
+            .map_err(of_model("the generator's"))?;
         Ok(pass.value)
     }
 
@@ -493,7 +495,9 @@ impl<'t> MateKd<'t> {
         self.student_grads.zero()?;
         student.backward(&mut self.student_grads, &mut clean, &g_clean, batch, None)?;
         student.backward(&mut self.student_grads, &mut perturbed, &g_perturbed, &p.perturbed, None)?;
-        self.student_optimizer.update(&mut student.weights, &mut self.student_grads).map_err(of_model("the student's"))?;
+        self.student_optimizer
+            .update(&mut student.weights, &mut self.student_grads)
+            .map_err(of_model("the student's"))?;
         Ok(log)
     }
 }
