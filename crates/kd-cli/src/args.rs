@@ -1,5 +1,5 @@
 //! The options several commands share: where the data is, how to read it, the device.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
@@ -9,7 +9,8 @@ use kd_methods::data::{Column, Dataset, GlueTask, Split};
 use kd_methods::task::{DataOptions, DataSource, FileSource};
 
 /// A GLUE task folder, or generic CSV/TSV/JSONL/Parquet files with named (or numbered) columns.
-#[derive(clap::Args, Debug)]
+/// (Serialised into a run's fingerprint, docs/RUNS.md.)
+#[derive(clap::Args, Debug, serde::Serialize)]
 pub struct DataArgs {
     /// GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli (read from --data).
     #[arg(long, requires = "data", conflicts_with_all = ["train", "dev"])]
@@ -41,6 +42,10 @@ pub struct DataArgs {
     /// Drop rows that cannot be read, reporting them on stderr, instead of stopping.
     #[arg(long)]
     skip_bad_rows: bool,
+    /// Accept labels outside the task's label set (the model's classes, or the pattern of the
+    /// training file's labels: a `7` among 0 and 1, a name among ids) as classes of their own.
+    #[arg(long)]
+    allow_new_labels: bool,
     /// Tokens per example, special tokens included; longer texts are truncated.
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub max_len: usize,
@@ -65,8 +70,22 @@ impl DataArgs {
                 regression: self.regression,
             }),
         };
-        Ok(DataOptions { source, max_len: self.max_len, skip_bad_rows: self.skip_bad_rows })
+        Ok(DataOptions {
+            source,
+            max_len: self.max_len,
+            skip_bad_rows: self.skip_bad_rows,
+            allow_new_labels: self.allow_new_labels,
+        })
     }
+
+    /// The data paths given, by flag (for the checks that an output overwrites none of them).
+    pub fn inputs(&self) -> Vec<(&'static str, &Path)> {
+        let given = [("--data", &self.data), ("--train", &self.train), ("--dev", &self.dev)];
+        given.into_iter().filter_map(|(flag, p)| Some((flag, p.as_deref()?))).collect()
+    }
+
+    /// Fields of the fingerprint that name files: their contents are hashed instead.
+    pub const PATHS: [&'static str; 3] = ["data", "train", "dev"];
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -17,6 +17,7 @@ use kd_methods::methods::peer_advised::{peer_advised, PeerAdvisedConfig};
 use kd_methods::methods::teacher::{check_compatible, CachedLogits};
 use kd_methods::noise::{inject_targets, NoiseModel};
 use kd_methods::pseudo::{self, PseudoLabels};
+use kd_methods::task::Labels;
 use kd_methods::trainer::{evaluate, TrainReport};
 use kd_model::bert::Bert;
 use kd_model::family::Family;
@@ -24,11 +25,13 @@ use kd_model::{BertConfig, BertWeights, Tokenizer};
 
 use crate::args::{device, report_skipped, DataArgs};
 use crate::finetune::with_head;
-use crate::model::{check_task, ModelDir};
+use crate::model::{check_task, label_names, same_vocabulary, ModelDir};
 use crate::report::print_result;
+use crate::run_dir::{check_out, hash_model, hash_path, hash_set, Fingerprint};
 use crate::session::{Session, TrainArgs};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// The student on the labels alone (no teacher).
     Ce,
@@ -48,7 +51,8 @@ pub enum Method {
     PeerAdvised,
 }
 
-#[derive(clap::Args, Debug)]
+/// (Serialised into the run's fingerprint, docs/RUNS.md.)
+#[derive(clap::Args, Debug, serde::Serialize)]
 pub struct Args {
     #[arg(long, value_enum)]
     method: Option<Method>,
@@ -65,11 +69,13 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     student_config: Option<PathBuf>,
     #[command(flatten)]
+    #[serde(flatten)]
     data: DataArgs,
     /// Where the student (an HF folder), OUT/best and metrics.jsonl go.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     #[command(flatten)]
+    #[serde(flatten)]
     train: TrainArgs,
     /// Share of the soft (teacher) term in kd, noisy-coteach and noisy-relabel.
     #[arg(long, default_value_t = 0.5)]
@@ -107,7 +113,8 @@ pub struct Args {
     /// mate-kd: `ce` (the official code's cross-entropy form) or `kl`.
     #[arg(long, default_value = "ce")]
     divergence: String,
-    /// peer-advised: the teacher's labels as JSONL (hard or soft); default: the teacher's argmax.
+    /// peer-advised: the teacher's labels as JSONL (hard or soft), one per row of the whole
+    /// training file ("index": its row, whatever --max-train draws); default: the teacher's argmax.
     #[arg(long, value_name = "FILE")]
     labels_file: Option<PathBuf>,
     /// peer-advised: keep the gold labels of K training rows (drawn with --seed, the rows
@@ -125,6 +132,57 @@ pub struct Args {
     json: bool,
 }
 
+/// Fields of [`Args`] left out of the run's fingerprint: paths (their contents are hashed
+/// instead) and flags that do not change the result.
+const NOT_IN_FINGERPRINT: [&str; 9] =
+    ["teacher", "student", "student_config", "out", "cache_dir", "json", "generator", "labels_file", "supplementary"];
+
+impl Args {
+    /// The checks of the method's settings that need no file: made before anything is loaded,
+    /// and before OUT is touched.
+    fn check(&self, method: Method) -> Result<()> {
+        ensure!((0.0..=1.0).contains(&self.alpha), "--alpha {} is not in [0, 1]", self.alpha);
+        let t = self.temperature;
+        ensure!(t.is_finite() && t > 0.0, "--temperature {t} is not a positive number");
+        ensure!(self.keep > 0.0 && self.keep < 1.0, "--keep {} is not a fraction in (0, 1)", self.keep);
+        if let Some(r) = self.noise_rate {
+            ensure!((0.0..=1.0).contains(&r), "--noise-rate {r} is not in [0, 1]");
+        }
+        if let Some(p) = self.trust_threshold {
+            ensure!((0.0..=1.0).contains(&p), "--trust-threshold {p} is not a probability in [0, 1]");
+        }
+        if let Some(r) = self.label_noise {
+            ensure!((0.0..=1.0).contains(&r), "--label-noise {r} is not a rate in [0, 1]");
+        }
+        ensure!(
+            ["ce", "kl"].contains(&self.divergence.as_str()),
+            "--divergence {}: expected ce or kl",
+            self.divergence
+        );
+        self.objective.parse::<Stage1Objective>()?;
+        ensure!(
+            method != Method::MateKd || self.generator.is_some(),
+            "mate-kd needs --generator DIR (see kd-cli train-generator)"
+        );
+        Ok(())
+    }
+
+    /// The paths the run reads, by flag.
+    fn inputs(&self) -> Vec<(&'static str, &Path)> {
+        let mut inputs = self.data.inputs();
+        let given = [
+            ("--teacher", &self.teacher),
+            ("--student", &self.student),
+            ("--student-config", &self.student_config),
+            ("--generator", &self.generator),
+            ("--labels-file", &self.labels_file),
+            ("--supplementary", &self.supplementary),
+        ];
+        inputs.extend(given.into_iter().filter_map(|(flag, p)| Some((flag, p.as_deref()?))));
+        inputs
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let Some(teacher_dir) = args.teacher.clone() else {
         ensure!(args.method.is_none(), "--method needs --teacher DIR (or run `kd-cli distill` alone for the demo)");
@@ -137,17 +195,31 @@ pub fn run(args: Args) -> Result<()> {
     );
     let out = args.out.clone().context("--out DIR is required with --teacher")?;
     args.train.check()?;
+    args.check(method)?;
+    check_out(&out, &args.inputs())?;
     let device = device(&args.train.device)?;
     let data = args.data.options(None)?;
     let tdir = ModelDir::open(&teacher_dir)?;
     tdir.check_max_len(data.max_len)?;
     let teacher = tdir.classifier(&device)?;
     check_task(&teacher, &data.source)?;
-    let mut task =
-        data.train_dev(&tdir.tokenizer, args.train.max_train, args.train.seed).context("loading the data")?;
+    // The teacher's classes are the task's: a training label outside them is an error.
+    let teacher_labels = label_names(&teacher.config);
+    let train_labels = if data.source.is_regression() { Labels::FromData } else { Labels::Fixed(&teacher_labels) };
+    let mut task = data
+        .train_dev_with(train_labels, &tdir.tokenizer, args.train.max_train, args.train.seed)
+        .context("loading the data")?;
     report_skipped(&task.train.data);
     if let Some(dev) = &task.dev {
         report_skipped(&dev.data);
+    }
+    if !data.source.is_regression() && task.label_names.len() != teacher_labels.len() {
+        let extra = task.label_names.get(teacher_labels.len()..).unwrap_or_default().join(", ");
+        bail!(
+            "{}: labels the teacher does not predict ({extra}; it knows {}): distillation cannot teach them",
+            task.train.data.source.display(),
+            teacher_labels.join(", ")
+        );
     }
     if let Some(rate) = args.label_noise {
         let classes = task.label_names.len();
@@ -161,10 +233,54 @@ pub fn run(args: Args) -> Result<()> {
     let build = StudentSpec { args: &args, teacher_dir: &tdir, device: &device, label_names: &task.label_names };
     let mut student = build.student(args.train.seed)?;
     check_compatible(&teacher, &student)?;
-    let mut session = Session::create(&out, &tdir.tokenizer_file, args.train.resume, args.train.log_every)?;
+
+    // Every other input is read before OUT is touched.
+    let mut fingerprint = Fingerprint::of_flags(
+        "distill",
+        &args,
+        &[&NOT_IN_FINGERPRINT[..], &DataArgs::PATHS, &TrainArgs::NOT_RESULT].concat(),
+    )?;
+    fingerprint.input("teacher weights", hash_model(&teacher)?);
+    fingerprint.input("initial student weights", hash_model(&student)?);
+    fingerprint.input("training data", hash_set(train));
+    if let Some(dev) = dev {
+        fingerprint.input("dev data", hash_set(dev));
+    }
+    let labels_file = match (&args.labels_file, method) {
+        (Some(path), Method::PeerAdvised) => {
+            // Rows by their index in the whole training file, not in the --max-train draw.
+            let all = pseudo::read_jsonl(path, &task.label_names, task.file_rows)?;
+            fingerprint.input("--labels-file contents", hash_path(path)?);
+            Some(all.select(&task.train_rows))
+        }
+        (Some(_), _) => bail!("--labels-file is an option of --method peer-advised"),
+        (None, _) => None,
+    };
+    let supplementary = match (&args.supplementary, method) {
+        (Some(path), Method::CrIld) => {
+            fingerprint.input("--supplementary contents", hash_path(path)?);
+            Some(read_text_lines(path, &tdir.tokenizer, data.max_len)?)
+        }
+        (Some(_), _) => bail!("--supplementary is an option of --method cr-ild"),
+        (None, _) => None,
+    };
+    let mut generator = match (&args.generator, method) {
+        (Some(gdir), Method::MateKd) => {
+            let gdir = ModelDir::open(gdir)?;
+            same_vocabulary(&tdir, &gdir, "generator")?;
+            let generator = Bert::new(gdir.config.clone(), gdir.weights(&device)?);
+            fingerprint.input("generator weights", hash_model(&generator)?);
+            Some(generator)
+        }
+        (Some(_), _) => bail!("--generator is an option of --method mate-kd"),
+        (None, _) => None,
+    };
+    let mut session =
+        Session::create(&out, &tdir.tokenizer_file, args.train.resume, fingerprint, args.train.log_every)?;
     let epochs = args.train.epochs;
     let cfg = |stage: &str, epochs: usize| args.train.config(epochs, metric, &session_state(&out, stage));
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    crate::run_dir::remove_stale_temps(&cache_dir);
     let logits = |set: &EncodedSet| -> Result<CachedLogits> {
         CachedLogits::build_or_load(&teacher, set, 128, &cache_dir).context("computing the teacher's logits")
     };
@@ -224,8 +340,6 @@ pub fn run(args: Args) -> Result<()> {
         }
         Method::CrIld => {
             let objective: Stage1Objective = args.objective.parse()?;
-            let supplementary =
-                args.supplementary.as_deref().map(|p| read_text_lines(p, &tdir.tokenizer, data.max_len)).transpose()?;
             let stage1_set = cr_ild::stage1_set(train, supplementary.as_ref());
             let e1 = args.stage1_epochs.unwrap_or(epochs);
             let mut stage1 =
@@ -236,11 +350,7 @@ pub fn run(args: Args) -> Result<()> {
             session.train("kd", &mut student, train, dev, &mut stage2, &cfg("kd", epochs))?
         }
         Method::MateKd => {
-            let gdir =
-                args.generator.as_deref().context("mate-kd needs --generator DIR (see kd-cli train-generator)")?;
-            let gconfig = BertConfig::from_file(&gdir.join("config.json"))?;
-            let gweights = BertWeights::load(&gdir.join("model.safetensors"), &gconfig, &device)?;
-            let mut generator = Bert::new(gconfig, gweights);
+            let mut generator = generator.take().context("mate-kd needs --generator DIR")?;
             let mut mate = MateKdConfig::new(token(&tdir.tokenizer, "[MASK]")?, special_ids(&tdir.tokenizer));
             mate.divergence = match args.divergence.as_str() {
                 "ce" => kd_kernels::ops::softmax_kl::KlForm::CrossEntropy,
@@ -254,8 +364,8 @@ pub fn run(args: Args) -> Result<()> {
             })?
         }
         Method::PeerAdvised => {
-            let mut labels = match &args.labels_file {
-                Some(path) => pseudo::read_jsonl(path, &task.label_names, train.items.len())?,
+            let mut labels = match labels_file {
+                Some(labels) => labels,
                 None => PseudoLabels::from_logits(logits(train)?.rows(), false),
             };
             if let Some(k) = args.gold_subset {
@@ -268,8 +378,8 @@ pub fn run(args: Args) -> Result<()> {
             let mut new_student =
                 || build.student(args.train.seed).map_err(|e| kd_methods::Error::Config(format!("{e:#}")));
             let mut result = None;
-            let report = session.run("peer-advised", steps, 2 * epochs + pa_cfg.probe.epochs, |observer| {
-                let out = peer_advised(&mut new_student, &train.items, &labels, dev, &pa_cfg, &mut |_, e| observer(e))?;
+            let report = session.run_stages("peer-advised", steps, 2 * epochs + pa_cfg.probe.epochs, |observer| {
+                let out = peer_advised(&mut new_student, &train.items, &labels, dev, &pa_cfg, observer)?;
                 let report = out.reports.last().map(|(_, r)| r.clone()).context("peer-advised ran no stage")?;
                 result = Some(out);
                 Ok(report)
@@ -334,6 +444,7 @@ impl StudentSpec<'_> {
         if let Some(dir) = &a.student {
             let sdir = ModelDir::open(dir)?;
             same_family(&self.teacher_dir.config, &sdir.config, dir)?;
+            same_vocabulary(self.teacher_dir, &sdir, "student")?;
             return with_head(&sdir, self.device, regression, self.label_names, seed);
         }
         let tconfig = &self.teacher_dir.config;

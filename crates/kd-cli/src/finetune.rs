@@ -10,19 +10,23 @@ use kd_model::bert::Bert;
 use crate::args::{device, report_skipped, DataArgs};
 use crate::model::ModelDir;
 use crate::report::print_result;
+use crate::run_dir::{check_out, hash_model, hash_set, Fingerprint};
 use crate::session::{Session, TrainArgs};
 
-#[derive(clap::Args, Debug)]
+/// (Serialised into the run's fingerprint, docs/RUNS.md.)
+#[derive(clap::Args, Debug, serde::Serialize)]
 pub struct Args {
     /// The model folder to start from (config.json, model.safetensors, tokenizer.json).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     #[command(flatten)]
+    #[serde(flatten)]
     data: DataArgs,
     /// Where the fine-tuned model (an HF folder) and metrics.jsonl go.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     #[command(flatten)]
+    #[serde(flatten)]
     train: TrainArgs,
     /// Train on K gold-labelled rows only, drawn with --seed from the training set: the
     /// low-data teacher of peer-advised KD (`distill --gold-subset K` with the same seed keeps
@@ -36,6 +40,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     args.train.check()?;
+    check_out(&args.out, &[&[("--model", args.model.as_path())][..], &args.data.inputs()].concat())?;
     let device = device(&args.train.device)?;
     let data = args.data.options(None)?;
     let model = ModelDir::open(&args.model)?;
@@ -54,7 +59,15 @@ pub fn run(args: Args) -> Result<()> {
     };
     let train = gold.as_ref().unwrap_or(&task.train.set);
 
-    let mut session = Session::create(&args.out, &model.tokenizer_file, args.train.resume, args.train.log_every)?;
+    let ignore = [&["model", "out", "json"][..], &DataArgs::PATHS, &TrainArgs::NOT_RESULT].concat();
+    let mut fingerprint = Fingerprint::of_flags("finetune", &args, &ignore)?;
+    fingerprint.input("initial model weights", hash_model(&bert)?);
+    fingerprint.input("training data", hash_set(train));
+    if let Some(dev) = &task.dev {
+        fingerprint.input("dev data", hash_set(&dev.set));
+    }
+    let mut session =
+        Session::create(&args.out, &model.tokenizer_file, args.train.resume, fingerprint, args.train.log_every)?;
     let cfg = args.train.config(args.train.epochs, data.source.metric(), &session.state_dir("finetune"));
     let dev = task.dev.as_ref().map(|d| &d.set);
     let report = session.train("finetune", &mut bert, train, dev, &mut Ce, &cfg)?;
@@ -64,7 +77,7 @@ pub fn run(args: Args) -> Result<()> {
         (Some(dev), Some(m)) => ("dev", dev.set.items.len(), m),
         _ => {
             let m = evaluate(&bert, train, args.train.batch, cfg.metric)?;
-            session.record("finetune", report.steps, cfg.epochs as f64, "train", &m);
+            session.record("finetune", report.steps, cfg.epochs as f64, "train", &m)?;
             ("train", train.items.len(), m)
         }
     };

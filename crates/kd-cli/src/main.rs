@@ -22,6 +22,7 @@ mod plot;
 mod predict;
 mod pseudo_label;
 mod report;
+mod run_dir;
 mod session;
 mod train_generator;
 

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Result};
 use kd_kernels::Device;
+use kd_methods::task::fixed_names;
 use kd_model::bert::Bert;
 use kd_model::family::Family;
 use kd_model::{BertConfig, BertWeights, Tokenizer};
@@ -98,6 +99,48 @@ pub fn check_task(bert: &Bert, source: &kd_methods::task::DataSource) -> Result<
     if let kd_methods::task::DataSource::Glue { task, .. } = source {
         let (want, have) = (task.label_names().len(), bert.config.num_labels());
         ensure!(regression || want == have, "{} has {want} classes but the model has {have}", task.name());
+        // The data's class ids are the task's: a model that numbers the classes otherwise would
+        // be scored against the wrong labels. (Unnamed LABEL_i classes stand for the ids.)
+        let model = fixed_names(&label_names(&bert.config));
+        let same = model.iter().zip(task.label_names()).all(|(m, t)| m.trim().eq_ignore_ascii_case(t));
+        if !regression && !same {
+            let show = |names: &[&str]| names.iter().enumerate().map(|(i, n)| format!("{i} {n}")).collect::<Vec<_>>();
+            let model: Vec<&str> = model.iter().map(String::as_str).collect();
+            bail!(
+                "the model's classes (id2label: {}) are not {}'s ({}): its predictions would be scored against \
+                 other labels",
+                show(&model).join(", "),
+                task.name(),
+                show(task.label_names()).join(", ")
+            );
+        }
     }
     Ok(())
+}
+
+/// Errors unless two model folders' tokenizers give every token the same id: a student (or
+/// generator) with another vocabulary, even one of the same size, would read the teacher's
+/// token ids as other words.
+pub fn same_vocabulary(teacher: &ModelDir, other: &ModelDir, role: &str) -> Result<()> {
+    let (t, o) = (teacher.tokenizer.vocab(), other.tokenizer.vocab());
+    if t == o {
+        return Ok(());
+    }
+    let mut differences: Vec<(u32, &String)> =
+        t.iter().filter(|(token, id)| o.get(*token) != Some(id)).map(|(token, &id)| (id, token)).collect();
+    differences.sort();
+    let first = match differences.first() {
+        Some(&(id, token)) => match o.get(token) {
+            Some(other_id) => format!("'{token}' is token {id} of the teacher's but {other_id} of the {role}'s"),
+            None => format!("the teacher's token {id} '{token}' is not in the {role}'s"),
+        },
+        None => format!("the {role}'s has {} tokens the teacher's lacks", o.len() - t.len()),
+    };
+    bail!(
+        "the {role} {} does not share the teacher's vocabulary ({} tokens, {} differ; {first}): it would read the \
+         teacher's token ids as other tokens",
+        other.tokenizer_file.display(),
+        t.len(),
+        differences.len().max(o.len().saturating_sub(t.len()))
+    )
 }

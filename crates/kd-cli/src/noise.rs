@@ -43,7 +43,10 @@ pub fn run(args: Args) -> Result<()> {
         (None, None) => bail!("give --rate R or --transition FILE"),
     };
     let layout = Layout::of(&data.source)?;
-    let clean = data.source.load(Split::Train, Labels::FromData, data.skip_bad_rows).context("loading the data")?;
+    let clean = data
+        .source
+        .load_labels(Split::Train, Labels::FromData, data.skip_bad_rows, data.allow_new_labels)
+        .context("loading the data")?;
     if let Some(first) = clean.skipped.first() {
         bail!(
             "{}: {} unreadable row(s), the first on line {} ({}); noise copies the file row for row, so fix or remove them first",
@@ -60,6 +63,7 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     let bytes = std::fs::read(&clean.source).with_context(|| format!("reading {}", clean.source.display()))?;
     let copy = layout.relabel(&bytes, &clean, &noisy.dataset, &noisy.flipped)?;
+    crate::run_dir::remove_stale_temps_beside(&args.out);
     kd_kernels::io::write_atomic(&args.out, &copy)?;
 
     let rows = clean.len();

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::args::{device, report_skipped, DataArgs, SplitArg};
 use crate::model::{is_regression, label_names, ModelDir};
+use crate::run_dir::{check_out_file, remove_stale_temps_beside};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -35,6 +36,15 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     ensure!(args.batch > 0, "--batch must be at least 1");
+    if let Some(out) = &args.out {
+        let mut inputs = args.data.inputs();
+        inputs.push(("--model", args.model.as_path()));
+        if let Some(input) = &args.input {
+            inputs.push(("--input", input.as_path()));
+        }
+        check_out_file("--out", out, &inputs)?;
+        remove_stale_temps_beside(out);
+    }
     let device = device(&args.device)?;
     let split = if args.input.is_some() { Split::Test } else { Split::from(args.split) };
     let data = args.data.options(args.input.clone())?;

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 
 use crate::args::{device, report_skipped, split_name, DataArgs, SplitArg};
 use crate::model::{check_task, is_regression, label_names, ModelDir};
+use crate::run_dir::{check_out_file, remove_stale_temps_beside};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -44,6 +45,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     ensure!(args.batch > 0, "--batch must be at least 1");
+    let mut inputs = args.data.inputs();
+    inputs.push(("--teacher", args.teacher.as_path()));
+    if let Some(input) = &args.input {
+        inputs.push(("--input", input.as_path()));
+    }
+    check_out_file("--out", &args.out, &inputs)?;
+    remove_stale_temps_beside(&args.out);
     let device = device(&args.device)?;
     let split = if args.input.is_some() { Split::Test } else { Split::from(args.split) };
     let data = args.data.options(args.input.clone())?;

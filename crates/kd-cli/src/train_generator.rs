@@ -73,6 +73,13 @@ pub fn run(args: Args) -> Result<()> {
     ensure!(args.epochs > 0, "--epochs must be at least 1");
     ensure!(args.batch > 0, "--batch must be at least 1");
     ensure!(args.lr.is_none_or(|lr| lr > 0.0 && lr.is_finite()), "--lr must be a positive number");
+    let mut inputs = args.data.inputs();
+    inputs.push(("--model", args.model.as_path()));
+    inputs.extend(args.text.iter().map(|text| ("--text", text.as_path())));
+    if let Some(held_out) = &args.held_out {
+        inputs.push(("--held-out", held_out.as_path()));
+    }
+    crate::run_dir::check_out(&args.out, &inputs)?;
     let device = device(&args.device)?;
     let model = ModelDir::open(&args.model)?;
     model.check_max_len(args.data.max_len)?;

@@ -140,8 +140,9 @@ fn finetune_gold_subset_trains_on_k_rows() {
 fn bad_input_fails_with_one_line_naming_the_culprit() {
     let dir = scratch("errors");
     let missing = dir.join("no-such-model");
+    let out = dir.join("out");
     let run = |extra: &[&str]| {
-        let mut args = vec!["finetune", "--out", s(&dir), "--epochs", "1"];
+        let mut args = vec!["finetune", "--out", s(&out), "--epochs", "1"];
         args.extend(extra);
         kd(&args)
     };

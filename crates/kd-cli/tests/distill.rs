@@ -183,6 +183,19 @@ fn an_interrupted_run_resumes_to_the_same_student() {
     let a = std::fs::read(whole.join("model.safetensors")).unwrap();
     let b = std::fs::read(part.join("model.safetensors")).unwrap();
     assert!(a == b, "resumed weights differ from the uninterrupted run's");
+
+    // The checkpoint of another alpha, or of another student, is not continued.
+    let mut other = args(&part);
+    other.extend(["--resume", "--alpha", "0.7"].map(String::from));
+    fails_with(kd(&other.iter().map(String::as_str).collect::<Vec<_>>()), &["--alpha was 0.5 and is now 0.7"]);
+    let mut other = args(&part);
+    let layers = other.iter().position(|a| a == "--student-layers").unwrap() + 1;
+    other[layers] = "1".into();
+    other.push("--resume".into());
+    fails_with(
+        kd(&other.iter().map(String::as_str).collect::<Vec<_>>()),
+        &["--student-layers was [0] and is now [1]", "initial student weights differ"],
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -152,6 +152,7 @@ fn noise_keeps_generic_files_in_their_format() {
         label: Some(Column::Name("sentiment".into())),
         label_kind,
         skip_bad_rows: false,
+        allow_new_labels: false,
     };
     let names = LabelKind::Classes { names: Some(vec!["good".into(), "bad".into()]) };
     let clean = load_table(&train, &spec(Format::Csv, names.clone())).unwrap();

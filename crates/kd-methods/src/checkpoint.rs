@@ -103,6 +103,12 @@ fn restore<P: Params>(
                 detail: format!("tensor '{key}' has shape {:?}, the model {:?}", a.shape, t.shape()),
             });
         }
+        if let Some(i) = a.data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::File {
+                path: path.to_path_buf(),
+                detail: format!("tensor '{key}' has the non-finite value {} at element {i}", a.data[i]),
+            });
+        }
         *t = Tensor::from_vec(a.data, &a.shape, &t.device())?;
         Ok(())
     })

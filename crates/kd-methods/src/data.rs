@@ -60,13 +60,19 @@ impl Dataset {
         self.examples.is_empty()
     }
 
-    /// `n` rows drawn without replacement with `seed`, kept in file order (all rows when
-    /// `n >= len`): the `--max-train` cut, reproducible per seed.
-    pub fn subset(&self, n: usize, seed: u64) -> Dataset {
+    /// The positions (ascending) of the rows [`Dataset::subset`] keeps.
+    pub fn subset_rows(&self, n: usize, seed: u64) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.len()).collect();
         Rng::new(seed).shuffle(&mut idx);
         idx.truncate(n);
         idx.sort_unstable();
+        idx
+    }
+
+    /// `n` rows drawn without replacement with `seed`, kept in file order (all rows when
+    /// `n >= len`): the `--max-train` cut, reproducible per seed.
+    pub fn subset(&self, n: usize, seed: u64) -> Dataset {
+        let idx = self.subset_rows(n, seed);
         Dataset {
             examples: idx.iter().map(|&i| self.examples[i].clone()).collect(),
             label_names: self.label_names.clone(),
@@ -140,6 +146,8 @@ pub struct TableSpec {
     pub label: Option<Column>,
     pub label_kind: LabelKind,
     pub skip_bad_rows: bool,
+    /// Accept labels outside the task's closed set (see [`load_table`]'s label rules).
+    pub allow_new_labels: bool,
 }
 
 /// Loads `path` as described by `spec`.
@@ -345,16 +353,34 @@ fn parse_json_row(
     Ok((string(text)?, pair.map(string).transpose()?, label))
 }
 
+/// The largest integer class id a file may use (with `allow_new_labels`, ids may skip classes).
+const MAX_CLASS_ID: usize = 100_000;
+
 /// Turns raw label strings into [`Label`]s by the spec's [`LabelKind`].
+///
+/// Every task has a closed label set, and a label outside it is a bad row (file:line), unless
+/// `spec.allow_new_labels`. With `names`, the set is those names (a new label is appended as a
+/// class of its own when allowed). Without, the training file defines it, and a row that breaks
+/// the file's pattern is taken for a typo rather than for a class: a name or a `1.0` among
+/// integer class ids (or an integer among names, whichever is rarer), an integer id past a
+/// class that never appears (a `7` in a file of 0 and 1), a name that differs from another only
+/// in case.
 fn resolve_labels(rows: Vec<RawRow>, spec: &TableSpec, sink: &mut RowSink) -> Result<(Vec<Example>, Vec<String>)> {
+    const ALLOW: &str = "--allow-new-labels accepts it";
     let (mut names, fixed) = match &spec.label_kind {
         LabelKind::Classes { names: Some(n) } => (n.clone(), true),
         _ => (Vec::new(), false),
     };
+    let open = spec.allow_new_labels;
+    let from_data = matches!(spec.label_kind, LabelKind::Classes { names: None });
     let mut ids: HashMap<String, usize> = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
-    let integer_ids = matches!(spec.label_kind, LabelKind::Classes { names: None })
-        && rows.iter().all(|r| r.label.as_deref().is_none_or(|l| l.trim().parse::<usize>().is_ok()));
+    let is_id = |l: &str| l.trim().parse::<usize>().is_ok();
+    let given = || rows.iter().filter_map(|r| r.label.as_deref()).filter(|l| !l.trim().is_empty());
+    let (id_count, name_count) = given().fold((0, 0), |(i, n), l| if is_id(l) { (i + 1, n) } else { (i, n + 1) });
+    // Integer labels are class ids: in a file of integers alone, or (closed) of mostly integers.
+    let integer_ids = from_data && id_count > 0 && (name_count == 0 || (!open && name_count <= id_count));
     let mut examples = Vec::with_capacity(rows.len());
+    let mut lines = Vec::with_capacity(rows.len());
     for row in rows {
         let label = match (row.label, &spec.label_kind) {
             (None, _) => Ok(Label::None),
@@ -365,13 +391,25 @@ fn resolve_labels(rows: Vec<RawRow>, spec: &TableSpec, sink: &mut RowSink) -> Re
             (Some(raw), LabelKind::Classes { .. }) => {
                 let raw = raw.trim();
                 if integer_ids {
-                    raw.parse().map(Label::Class).map_err(|e| format!("label '{raw}': {e}"))
+                    raw.parse().map(Label::Class).map_err(|_| {
+                        format!(
+                            "label '{raw}' is not a class id like the file's {id_count} integer labels: a label \
+                             outside the task's set ({ALLOW} as a class of its own)"
+                        )
+                    })
                 } else if let Some(&id) = ids.get(raw) {
                     Ok(Label::Class(id))
-                } else if fixed {
-                    Err(format!("unknown label '{raw}' (labels: {})", names.join(", ")))
                 } else if raw.is_empty() {
                     Err("empty label".to_string())
+                } else if fixed && !open {
+                    Err(format!("unknown label '{raw}' (labels: {}; {ALLOW})", names.join(", ")))
+                } else if from_data && !open && is_id(raw) {
+                    Err(format!(
+                        "label '{raw}' is an integer among the file's {name_count} named labels: a label outside \
+                         the task's set ({ALLOW})"
+                    ))
+                } else if let Some(same) = names.iter().find(|n| from_data && !open && n.eq_ignore_ascii_case(raw)) {
+                    Err(format!("label '{raw}' differs from the label '{same}' only in case ({ALLOW})"))
                 } else {
                     ids.insert(raw.to_string(), names.len());
                     names.push(raw.to_string());
@@ -380,12 +418,39 @@ fn resolve_labels(rows: Vec<RawRow>, spec: &TableSpec, sink: &mut RowSink) -> Re
             }
         };
         match label {
-            Ok(label) => examples.push(Example { text_a: row.text_a, text_b: row.text_b, label }),
+            Ok(label) => {
+                examples.push(Example { text_a: row.text_a, text_b: row.text_b, label });
+                lines.push(row.line);
+            }
             Err(reason) => sink.bad(row.line, reason)?,
         }
     }
     if integer_ids {
-        let max = examples.iter().filter_map(|e| if let Label::Class(c) = e.label { Some(c) } else { None }).max();
+        let class = |e: &Example| if let Label::Class(c) = e.label { Some(c) } else { None };
+        // The first class without an example (ids past the examples' count surely leave one).
+        let n = examples.len();
+        let mut present = vec![false; n + 1];
+        examples.iter().filter_map(class).filter(|&c| c <= n).for_each(|c| present[c] = true);
+        let classes = present.iter().position(|p| !p).unwrap_or(n + 1);
+        let mut kept = Vec::with_capacity(n);
+        for (example, line) in examples.into_iter().zip(lines) {
+            match class(&example) {
+                Some(c) if c > classes && (!open || c > MAX_CLASS_ID) => {
+                    let reason = if open {
+                        format!("label {c}: class ids go up to {MAX_CLASS_ID}")
+                    } else {
+                        format!(
+                            "label {c} leaves class {classes} without an example (integer labels are class ids \
+                             from 0): a label outside the file's set ({ALLOW}, with the classes it skips)"
+                        )
+                    };
+                    sink.bad(line, reason)?
+                }
+                _ => kept.push(example),
+            }
+        }
+        examples = kept;
+        let max = examples.iter().filter_map(class).max();
         names = max.map_or(Vec::new(), |m| (0..=m).map(|i| i.to_string()).collect());
     }
     Ok((examples, names))
@@ -513,6 +578,8 @@ impl GlueTask {
             label: labelled.then(|| if headerless { Column::Index(1) } else { Column::Name(label.into()) }),
             label_kind,
             skip_bad_rows,
+            // GLUE's label sets are the tasks' own.
+            allow_new_labels: false,
         }
     }
 }

@@ -217,7 +217,9 @@ impl HiddenProjection {
     /// (call it before that update), then zeroes the gradients.
     pub fn update(&mut self, student: &Optimizer) -> Result<()> {
         let optimizer = Self::optimizer(&mut self.optimizer, &self.weights, student)?;
-        optimizer.update(&mut self.weights, &mut self.grads)?;
+        optimizer
+            .update(&mut self.weights, &mut self.grads)
+            .map_err(crate::trainer::of_model("the width projections'"))?;
         self.grads.zero()?;
         Ok(())
     }

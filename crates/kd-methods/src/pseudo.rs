@@ -6,8 +6,9 @@
 //! The file has one JSON object per line (blank lines are passed over, other keys ignored):
 //!   {"index": 17, "label": "positive"}        a hard label, by class name or by id
 //!   {"index": 18, "probs": [0.2, 0.8]}         a soft label, one probability per class
-//! `index` is the row of the dataset; without it (on every line) lines follow the dataset's
-//! order. All lines are hard or all soft, and every row is labelled exactly once: a teacher
+//! `index` is the row of the dataset (for a training set, of the whole file: a `--max-train`
+//! run selects its rows from the file's labels); without it (on every line) lines follow the
+//! dataset's order. All lines are hard or all soft, and every row is labelled exactly once: a teacher
 //! that skipped rows is an error, not a silently smaller training set.
 
 use std::io::Write;
@@ -109,10 +110,11 @@ pub fn from_teacher(teacher: &Bert, set: &EncodedSet, batch_size: usize, soft: b
 }
 
 /// Writes `labels` as JSONL, one `{"index", "label"}` (class name) or `{"index", "probs"}` line
-/// per example, readable back by [`read_jsonl`].
+/// per example, readable back by [`read_jsonl`]. Atomically: a failed write (a full disk)
+/// leaves an older file at `path` as it was.
 pub fn write_jsonl(path: &Path, labels: &PseudoLabels, label_names: &[String]) -> Result<()> {
     let file_error = |e: std::io::Error| Error::File { path: path.to_path_buf(), detail: e.to_string() };
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(file_error)?);
+    let mut out = Vec::new();
     for i in 0..labels.len() {
         let line = match labels {
             PseudoLabels::Hard(v) => {
@@ -125,7 +127,7 @@ pub fn write_jsonl(path: &Path, labels: &PseudoLabels, label_names: &[String]) -
         };
         writeln!(out, "{line}").map_err(file_error)?;
     }
-    out.flush().map_err(file_error)
+    Ok(kd_kernels::io::write_atomic(path, &out)?)
 }
 
 /// One line of a pseudo-label file, parsed.

@@ -81,8 +81,21 @@ impl DataSource {
     }
 
     /// Reads `split`. With `skip_bad_rows` unreadable rows are dropped and listed in
-    /// [`Dataset::skipped`] instead of failing the load.
+    /// [`Dataset::skipped`] instead of failing the load. Labels outside the task's set are bad
+    /// rows (see [`crate::data::load_table`]).
     pub fn load(&self, split: Split, labels: Labels, skip_bad_rows: bool) -> Result<Dataset> {
+        self.load_labels(split, labels, skip_bad_rows, false)
+    }
+
+    /// As [`DataSource::load`]; `allow_new_labels` accepts labels outside the set of generic
+    /// files (GLUE's sets are the tasks' own).
+    pub fn load_labels(
+        &self,
+        split: Split,
+        labels: Labels,
+        skip_bad_rows: bool,
+        allow_new_labels: bool,
+    ) -> Result<Dataset> {
         match self {
             DataSource::Glue { task, dir } => {
                 let mut spec = task.table_spec(split, skip_bad_rows);
@@ -92,7 +105,7 @@ impl DataSource {
                 // GLUE's class ids are the task's (as HF's processors number them) whatever `labels` says.
                 load_table(&dir.join(task.file_name(split)), &spec)
             }
-            DataSource::Files(f) => f.load(split, labels, skip_bad_rows),
+            DataSource::Files(f) => f.load(split, labels, skip_bad_rows, allow_new_labels),
         }
     }
 }
@@ -107,7 +120,7 @@ impl FileSource {
         path.as_deref().ok_or_else(|| Error::Config(format!("no {flag} file given")))
     }
 
-    fn load(&self, split: Split, labels: Labels, skip_bad_rows: bool) -> Result<Dataset> {
+    fn load(&self, split: Split, labels: Labels, skip_bad_rows: bool, allow_new_labels: bool) -> Result<Dataset> {
         let path = self.path(split)?;
         let label_kind = match labels {
             _ if self.regression => LabelKind::Regression,
@@ -122,6 +135,7 @@ impl FileSource {
             label: (!matches!(labels, Labels::Ignore)).then(|| self.label.clone()),
             label_kind,
             skip_bad_rows,
+            allow_new_labels,
         };
         load_table(path, &spec)
     }
@@ -129,7 +143,7 @@ impl FileSource {
 
 /// `names`, with HF's placeholders `LABEL_0, LABEL_1, ...` (a model whose classes were never
 /// named) replaced by the integer labels they stand for.
-fn fixed_names(names: &[String]) -> Vec<String> {
+pub fn fixed_names(names: &[String]) -> Vec<String> {
     let placeholders = names.iter().enumerate().all(|(i, n)| *n == format!("LABEL_{i}"));
     match placeholders {
         true => (0..names.len()).map(|i| i.to_string()).collect(),
@@ -148,6 +162,11 @@ pub struct LoadedSplit {
 #[derive(Clone, Debug)]
 pub struct TrainData {
     pub train: LoadedSplit,
+    /// The position of each training example among the training file's rows (as
+    /// `pseudo-label` numbers them): not `0..n` when `max_train` drew a subset.
+    pub train_rows: Vec<usize>,
+    /// The number of rows of the whole training file.
+    pub file_rows: usize,
     /// Absent for generic files given without a dev file.
     pub dev: Option<LoadedSplit>,
     /// Class names by id (empty for regression): the `id2label` of a model trained on them.
@@ -161,14 +180,41 @@ pub struct DataOptions {
     /// Tokens per example, special tokens included.
     pub max_len: usize,
     pub skip_bad_rows: bool,
+    /// Accept labels outside a task's closed set (see [`crate::data::load_table`]).
+    pub allow_new_labels: bool,
 }
 
 impl DataOptions {
     /// The training set, cut to `max_train` examples drawn with `seed`, and the dev set with its
     /// labels mapped to the training set's class ids.
     pub fn train_dev(&self, tokenizer: &Tokenizer, max_train: Option<usize>, seed: u64) -> Result<TrainData> {
-        let mut train = self.source.load(Split::Train, Labels::FromData, self.skip_bad_rows)?;
+        self.train_dev_with(Labels::FromData, tokenizer, max_train, seed)
+    }
+
+    /// As [`DataOptions::train_dev`], the training labels read as `labels` says: a teacher's
+    /// classes ([`Labels::Fixed`]) or the file's own ([`Labels::FromData`]).
+    pub fn train_dev_with(
+        &self,
+        labels: Labels,
+        tokenizer: &Tokenizer,
+        max_train: Option<usize>,
+        seed: u64,
+    ) -> Result<TrainData> {
+        let mut train = self.source.load_labels(Split::Train, labels, self.skip_bad_rows, self.allow_new_labels)?;
+        if train.is_empty() {
+            let skipped = match train.skipped.len() {
+                0 => String::new(),
+                n => format!(" ({n} unreadable row(s) skipped)"),
+            };
+            return Err(Error::File { path: train.source, detail: format!("no training examples{skipped}") });
+        }
+        let file_rows = train.len();
+        let mut train_rows: Vec<usize> = (0..file_rows).collect();
         if let Some(n) = max_train {
+            if n == 0 {
+                return Err(Error::Config("--max-train 0 leaves no training examples".into()));
+            }
+            train_rows = train.subset_rows(n, seed);
             train = train.subset(n, seed);
         }
         let label_names = train.label_names.clone();
@@ -184,12 +230,15 @@ impl DataOptions {
             _ => Some(self.labelled(Split::Dev, Labels::Fixed(&label_names), tokenizer)?),
         };
         let set = encode_dataset(&train, tokenizer, self.max_len)?;
-        Ok(TrainData { train: LoadedSplit { data: train, set }, dev, label_names })
+        Ok(TrainData { train: LoadedSplit { data: train, set }, train_rows, file_rows, dev, label_names })
     }
 
-    /// A labelled split for evaluation, its class ids given by `labels`.
+    /// A labelled split for evaluation, its class ids given by `labels`; an empty one is an error.
     pub fn labelled(&self, split: Split, labels: Labels, tokenizer: &Tokenizer) -> Result<LoadedSplit> {
-        let data = self.source.load(split, labels, self.skip_bad_rows)?;
+        let data = self.source.load_labels(split, labels, self.skip_bad_rows, self.allow_new_labels)?;
+        if data.is_empty() {
+            return Err(Error::File { path: data.source, detail: "no labelled examples to evaluate on".into() });
+        }
         let set = encode_dataset(&data, tokenizer, self.max_len)?;
         Ok(LoadedSplit { data, set })
     }

@@ -11,7 +11,7 @@ use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
 use kd_model::BertWeights;
 
 use crate::batching::{collate, gather_targets, BatchTargets, Encoded, EncodedSet, Targets};
-use crate::checkpoint::{self, CheckpointConfig, OwnPart};
+use crate::checkpoint::{self, CheckpointConfig, OwnPart, Part, PartMut};
 use crate::data::Label;
 use crate::metrics::{task_metrics, MetricKind, Metrics};
 use crate::{Error, Result};
@@ -94,6 +94,13 @@ pub trait Objective {
     /// run must continue them, not restart them.
     fn own_part(&mut self, _student: &Optimizer) -> Result<Option<OwnPart<'_>>> {
         Ok(None)
+    }
+
+    /// What the checkpoint saves and restores beside the student: [`Objective::own_part`], and
+    /// whole models the objective trains with optimisers of their own (a co-teaching peer), each
+    /// under its prefix. A resumed run must continue them all, not restart them.
+    fn checkpoint_parts(&mut self, student: &Optimizer) -> Result<(Option<OwnPart<'_>>, Vec<PartMut<'_>>)> {
+        Ok((self.own_part(student)?, Vec::new()))
     }
 }
 
@@ -238,8 +245,9 @@ pub fn train(
     let started = Instant::now();
     let mut scores = DevScores::default();
     let mut step = 0u64;
-    let own = objective.own_part(&optimizer)?;
-    let mut parts = [("", &mut student.weights, &mut optimizer)];
+    let (own, models) = objective.checkpoint_parts(&optimizer)?;
+    let mut parts = vec![("", &mut student.weights, &mut optimizer)];
+    parts.extend(models);
     if let Some(resumed) = checkpoint::resume(cfg.checkpoint.as_ref(), &mut parts, own, observer)? {
         step = resumed.step;
         scores.best = resumed.best;
@@ -258,24 +266,34 @@ pub fn train(
         let mut out_grads = acts.output_grads()?;
         let loss = objective.loss(&input, &acts, &mut out_grads)?;
         if !loss.total.is_finite() {
-            return Err(Error::NonFinite(format!("loss is {} at step {}", loss.total, step + 1)));
+            let at = format!("step {} (epoch {})", step + 1, epoch + 1);
+            return Err(Error::NonFinite(format!("the student's loss is {} at {at}", loss.total)));
         }
         grads.zero()?;
         objective.student_backward(student, &mut grads, &mut acts, &out_grads, &input)?;
         let lr = optimizer.lr();
         objective.update_own(&optimizer)?;
-        optimizer.update(&mut student.weights, &mut grads)?;
+        optimizer.update(&mut student.weights, &mut grads).map_err(of_model("the student's"))?;
         step += 1;
         let examples_per_s = indices.len() as f64 / t0.elapsed().as_secs_f64();
         observer(Event::Step { step, total_steps, loss: &loss, lr, examples_per_s });
 
         scores.after_step((step, total_steps), cfg, dev, student, observer)?;
-        let parts = [("", &student.weights, &optimizer)];
-        let own = objective.own_part(&optimizer)?;
+        let (own, models) = objective.checkpoint_parts(&optimizer)?;
+        let mut parts: Vec<Part> = vec![("", &student.weights, &optimizer)];
+        parts.extend(models.into_iter().map(|(prefix, weights, optimizer)| (prefix, &*weights, &*optimizer)));
         checkpoint::save_if_due(cfg.checkpoint.as_ref(), &parts, own, step, total_steps, scores.best.as_ref())?;
     }
     let DevScores { best, last } = scores;
     Ok(TrainReport { steps: step, seconds: started.elapsed().as_secs_f64(), final_metrics: last, best_metrics: best })
+}
+
+/// Names the model in a non-finite value's error ("the peer's gradient norm is NaN at ...").
+pub fn of_model(model: &'static str) -> impl Fn(kd_model::Error) -> Error {
+    move |e| match e {
+        kd_model::Error::NonFinite(what) => Error::NonFinite(format!("{model} {what}")),
+        other => other.into(),
+    }
 }
 
 /// The model's outputs on every example of `items`, in order: `[C]` logits per example.

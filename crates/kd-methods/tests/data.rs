@@ -24,6 +24,7 @@ fn spec(format: Format, text: &str, pair: Option<&str>, label: Option<&str>, kin
         label: label.map(Column::parse),
         label_kind: kind,
         skip_bad_rows: false,
+        allow_new_labels: false,
     }
 }
 
@@ -169,10 +170,7 @@ fn glue_layouts_of_qqp_mnli_qnli_wnli() {
     assert_eq!(wnli.examples, [ex("A.", "B.", Label::None)]);
     assert_eq!(wnli.label_names, ["0", "1"]);
     let err = write(GlueTask::Qnli, Split::Dev, &format!("{qnli_header}0\tWho?\tHim.\tmaybe\n")).unwrap_err();
-    assert!(
-        err.to_string().ends_with("dev.tsv:2: unknown label 'maybe' (labels: entailment, not_entailment)"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("dev.tsv:2: unknown label 'maybe' (labels: entailment, not_entailment;"), "{err}");
 }
 
 #[test]
@@ -203,12 +201,79 @@ fn given_label_list_fixes_ids_and_rejects_unknown_labels() {
     let names = LabelKind::Classes { names: Some(vec!["neg".into(), "pos".into()]) };
     let mut s = spec(Format::Tsv, "text", None, Some("label"), names);
     let err = load_table(&path, &s).unwrap_err().to_string();
-    assert_eq!(err, format!("{}:4: unknown label 'maybe' (labels: neg, pos)", path.display()));
+    assert!(err.starts_with(&format!("{}:4: unknown label 'maybe' (labels: neg, pos;", path.display())), "{err}");
     s.skip_bad_rows = true;
     let d = load_table(&path, &s).unwrap();
     assert_eq!(labels(&d), [Label::Class(1), Label::Class(0)]);
     assert_eq!(d.skipped.len(), 1);
     assert_eq!(d.skipped[0].line, 4);
+}
+
+/// Each task has a closed label set: a label outside it is a bad row naming file and line,
+/// unless `allow_new_labels`. A training file's own set is its pattern: integer ids from 0 or
+/// names, each spelt one way.
+#[test]
+fn labels_outside_the_tasks_set_are_bad_rows_unless_allowed() {
+    let cases = [
+        // A stray id past a class that never appears.
+        ("gap.tsv", "text\tlabel\na\t0\nb\t1\nc\t7\nd\t1\n", 4, "label 7 leaves class 2 without an example"),
+        // A name among integer ids, and a float spelling of one.
+        ("name.tsv", "text\tlabel\na\t0\nb\t1\nc\tpositive\nd\t1\n", 4, "label 'positive' is not a class id"),
+        ("float.tsv", "text\tlabel\na\t0\nb\t1\nc\t1.0\nd\t0\n", 4, "label '1.0' is not a class id"),
+        // An integer among names, and a name spelt two ways.
+        ("int.tsv", "text\tlabel\na\tpos\nb\tneg\nc\t1\nd\tpos\n", 4, "label '1' is an integer among"),
+        (
+            "case.tsv",
+            "text\tlabel\na\tpos\nb\tneg\nc\tPos\n",
+            4,
+            "label 'Pos' differs from the label 'pos' only in case",
+        ),
+    ];
+    for (name, text, line, reason) in cases {
+        let path = temp_file(name, text);
+        let mut s = spec(Format::Tsv, "text", None, Some("label"), CLASSES);
+        let err = load_table(&path, &s).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}:{line}: {reason}", path.display())), "{err}");
+        assert!(err.contains("--allow-new-labels"), "{err}");
+        // --skip-bad-rows drops the row, leaving the file's own set.
+        s.skip_bad_rows = true;
+        let d = load_table(&path, &s).unwrap();
+        assert_eq!((d.skipped.len(), d.skipped[0].line, d.label_names.len()), (1, line, 2), "{name}");
+        // --allow-new-labels makes it a class.
+        s.skip_bad_rows = false;
+        s.allow_new_labels = true;
+        let d = load_table(&path, &s).unwrap();
+        assert!(d.skipped.is_empty() && d.label_names.len() > 2, "{name}: {:?}", d.label_names);
+    }
+    // The allowed gap: ids 0..=7, six classes without an example.
+    let d = load_table(
+        &temp_file("gap.tsv", cases[0].1),
+        &TableSpec { allow_new_labels: true, ..spec(Format::Tsv, "text", None, Some("label"), CLASSES) },
+    )
+    .unwrap();
+    assert_eq!(d.label_names.len(), 8);
+
+    // A given set (a model's classes): outside it is a bad row, or with allow_new_labels a new class.
+    let path = temp_file("given.tsv", "text\tlabel\na\t1\nb\t7\n");
+    let names = LabelKind::Classes { names: Some(vec!["0".into(), "1".into()]) };
+    let mut s = spec(Format::Tsv, "text", None, Some("label"), names);
+    let err = load_table(&path, &s).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("{}:3: unknown label '7' (labels: 0, 1;", path.display())), "{err}");
+    s.allow_new_labels = true;
+    let d = load_table(&path, &s).unwrap();
+    assert_eq!(
+        (labels(&d), d.label_names),
+        (vec![Label::Class(1), Label::Class(2)], vec!["0".into(), "1".into(), "7".to_string()])
+    );
+
+    // Huge ids are refused even when allowed (they would make as many classes).
+    let path = temp_file("huge.tsv", "text\tlabel\na\t0\nb\t99999999999\n");
+    let err = load_table(&path, &s_open(&path)).unwrap_err().to_string();
+    assert!(err.contains(":3: label 99999999999: class ids go up to"), "{err}");
+}
+
+fn s_open(_: &std::path::Path) -> TableSpec {
+    TableSpec { allow_new_labels: true, ..spec(Format::Tsv, "text", None, Some("label"), CLASSES) }
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use kd_kernels::rng::Rng;
 use kd_kernels::{Device, IdTensor, Tensor};
 use kd_methods::batching::{collate, gather_targets, BatchTargets, Encoded, EncodedSet, Targets};
+use kd_methods::checkpoint::{CheckpointConfig, OwnPart, PartMut};
 use kd_methods::data::{Dataset, Example, Label};
 use kd_methods::methods::ce::Ce;
 use kd_methods::methods::kd::TeacherLogits;
@@ -14,7 +15,7 @@ use kd_methods::methods::noisy_relabel::{trust_weights, NoisyRelabel, RelabelPar
 use kd_methods::methods::teacher::CachedLogits;
 use kd_methods::metrics::MetricKind;
 use kd_methods::noise::{inject, NoiseModel};
-use kd_methods::trainer::{evaluate, predict, train, Objective, StepInput, TrainConfig};
+use kd_methods::trainer::{evaluate, predict, train, Event, Objective, StepInput, TrainConfig};
 use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode};
 use kd_model::{BertConfig, BertWeights};
 
@@ -389,6 +390,79 @@ fn one_step_updates_both_students() {
     assert!(changed(&a0, &a1) > a0.len() / 2, "A barely moved");
     assert!(changed(&b0, &b1) > b0.len() / 2, "B barely moved");
     assert_ne!(a1, b1);
+}
+
+/// Co-teaching whose step `stop_at` (0-based) fails, as a run killed there would stop.
+struct StopAt<'t> {
+    inner: CoTeach<'t>,
+    stop_at: u64,
+}
+
+impl Objective for StopAt<'_> {
+    fn student_outputs(&self) -> kd_model::bert::Outputs {
+        self.inner.student_outputs()
+    }
+
+    fn loss(
+        &mut self,
+        input: &StepInput,
+        student: &Activations,
+        grads: &mut kd_model::bert::OutputGrads,
+    ) -> kd_methods::Result<kd_methods::trainer::LossLog> {
+        if input.step == self.stop_at {
+            return Err(kd_methods::Error::Config("interrupted".into()));
+        }
+        self.inner.loss(input, student, grads)
+    }
+
+    fn checkpoint_parts(
+        &mut self,
+        student: &kd_model::optim::Optimizer,
+    ) -> kd_methods::Result<(Option<OwnPart<'_>>, Vec<PartMut<'_>>)> {
+        self.inner.checkpoint_parts(student)
+    }
+}
+
+/// A run interrupted after step 5 and resumed from its checkpoint ends with both students and
+/// their optimisers exactly where an uninterrupted run's are: the peer B and its AdamW moments
+/// are in the checkpoint, not re-initialised on resume.
+#[test]
+fn a_resumed_run_ends_bit_exact_with_the_peer() {
+    let set = encode(&synthetic(40, 21));
+    let rows = random_rows(40, 2.0, 22);
+    let dir = std::env::temp_dir().join(format!("kd-coteach-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let checkpoint = |resume| CheckpointConfig { dir: dir.clone(), every: 1, resume };
+    let run = |resume| TrainConfig { checkpoint: Some(checkpoint(resume)), ..cfg(2, 8, 1e-2, 5) };
+    let params = CoTeachParams::new(0.3, 2);
+
+    let (mut whole_a, mut teacher) = (bert(1, 0.1), Rows(rows.clone()));
+    let mut objective = CoTeach::new(&mut teacher, bert(2, 0.1), params, &run(false), 40).unwrap();
+    let whole = train(&mut whole_a, &set, None, &mut objective, &run(false), &mut |_| {}).unwrap();
+    let whole_b = snapshot(objective.peer());
+    assert_eq!(whole.steps, 10);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let (mut a, mut teacher) = (bert(1, 0.1), Rows(rows.clone()));
+    let inner = CoTeach::new(&mut teacher, bert(2, 0.1), params, &run(false), 40).unwrap();
+    let mut stopping = StopAt { inner, stop_at: 5 };
+    let err = train(&mut a, &set, None, &mut stopping, &run(false), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("interrupted"), "{err}");
+
+    // A fresh process: both students rebuilt from their seeds, then the checkpoint loaded.
+    let (mut a, mut teacher) = (bert(1, 0.1), Rows(rows));
+    let mut objective = CoTeach::new(&mut teacher, bert(2, 0.1), params, &run(true), 40).unwrap();
+    let mut resumed_at = None;
+    let report = train(&mut a, &set, None, &mut objective, &run(true), &mut |e| {
+        if let Event::Resumed { step } = e {
+            resumed_at = Some(step);
+        }
+    })
+    .unwrap();
+    assert_eq!((resumed_at, report.steps), (Some(5), 10));
+    assert!(snapshot(&a) == snapshot(&whole_a), "student A differs from the uninterrupted run's");
+    assert!(snapshot(objective.peer()) == whole_b, "peer B differs from the uninterrupted run's");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

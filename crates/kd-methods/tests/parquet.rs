@@ -86,6 +86,7 @@ fn spec(text: &str, pair: Option<&str>, label: Option<&str>, label_kind: LabelKi
         label: label.map(Column::parse),
         label_kind,
         skip_bad_rows: false,
+        allow_new_labels: false,
     }
 }
 

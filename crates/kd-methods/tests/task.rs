@@ -98,7 +98,7 @@ fn dev_labels_take_the_training_sets_ids() {
     let dir = scratch("dev_ids");
     let train = "text\tlabel\ngood\tpos\nbad\tneg\nfine\tpos\n";
     let source = DataSource::Files(files(&dir, train, Some("text\tlabel\nawful\tneg\ngreat\tpos\n")));
-    let opts = DataOptions { source, max_len: 16, skip_bad_rows: false };
+    let opts = DataOptions { source, max_len: 16, skip_bad_rows: false, allow_new_labels: false };
     assert_eq!(opts.source.metric(), MetricKind::Accuracy);
     assert_eq!(opts.source.name(Split::Dev), "dev");
     let data = opts.train_dev(&tok, None, 1).unwrap();
@@ -107,22 +107,55 @@ fn dev_labels_take_the_training_sets_ids() {
     assert_eq!(data.dev.unwrap().set.targets, Targets::Classes(vec![1, 0]));
 
     // A dev label the training set never had is a bad row of the dev file.
-    let source = DataSource::Files(files(&dir, train, Some("text\tlabel\nmeh\tmixed\n")));
-    let opts = DataOptions { source, max_len: 16, skip_bad_rows: false };
+    let source = DataSource::Files(files(&dir, train, Some("text\tlabel\nmeh\tmixed\nok\tpos\n")));
+    let opts = DataOptions { source, max_len: 16, skip_bad_rows: false, allow_new_labels: false };
     let err = opts.train_dev(&tok, None, 1).unwrap_err().to_string();
-    assert!(err.ends_with("dev.tsv:2: unknown label 'mixed' (labels: pos, neg)"), "{err}");
+    assert!(err.contains("dev.tsv:2: unknown label 'mixed' (labels: pos, neg;"), "{err}");
     // ... which --skip-bad-rows drops and records.
-    let data = DataOptions { skip_bad_rows: true, ..opts }.train_dev(&tok, None, 1).unwrap();
+    let opts = DataOptions { skip_bad_rows: true, ..opts };
+    let data = opts.train_dev(&tok, None, 1).unwrap();
     assert_eq!(data.dev.unwrap().data.skipped.len(), 1);
+    // A dev set left empty is an error naming its file, not a score of nothing.
+    let source = DataSource::Files(files(&dir, train, Some("text\tlabel\nmeh\tmixed\n")));
+    let err = DataOptions { source, ..opts }.train_dev(&tok, None, 1).unwrap_err().to_string();
+    assert!(err.ends_with("dev.tsv: no labelled examples to evaluate on"), "{err}");
 
     // One class cannot be classified; no dev file means no dev set.
     let source = DataSource::Files(files(&dir, "text\tlabel\ngood\tpos\nfine\tpos\n", None));
-    let opts = DataOptions { source, max_len: 16, skip_bad_rows: false };
+    let opts = DataOptions { source, max_len: 16, skip_bad_rows: false, allow_new_labels: false };
     let err = opts.train_dev(&tok, None, 1).unwrap_err().to_string();
     assert!(err.contains("1 class(es) in the training data"), "{err}");
     let DataSource::Files(f) = &opts.source else { unreachable!() };
     let opts = DataOptions { source: DataSource::Files(FileSource { regression: true, ..f.clone() }), ..opts };
     assert!(opts.train_dev(&tok, None, 1).unwrap_err().to_string().contains("unparsable score 'pos'"));
+}
+
+/// An empty training set names its file; --max-train's draw keeps each example's row in the
+/// whole file (what a --labels-file indexes).
+#[test]
+fn empty_training_sets_name_the_file_and_draws_keep_their_rows() {
+    let Some(tok) = tokenizer() else { return };
+    let dir = scratch("empty");
+    let opts = |train: &str, skip| DataOptions {
+        source: DataSource::Files(files(&dir, train, None)),
+        max_len: 16,
+        skip_bad_rows: skip,
+        allow_new_labels: false,
+    };
+    let err = opts("text\tlabel\n", false).train_dev(&tok, None, 1).unwrap_err().to_string();
+    assert!(err.ends_with("train.tsv: no training examples"), "{err}");
+    let err = opts("text\tlabel\na\tb\tc\n", true).train_dev(&tok, None, 1).unwrap_err().to_string();
+    assert!(err.ends_with("train.tsv: no training examples (1 unreadable row(s) skipped)"), "{err}");
+    let rows: String = (0..20).map(|i| format!("text {i}\t{}\n", i % 2)).collect();
+    let err = opts(&format!("text\tlabel\n{rows}"), false).train_dev(&tok, Some(0), 1).unwrap_err();
+    assert!(err.to_string().contains("--max-train 0"), "{err}");
+
+    let data = opts(&format!("text\tlabel\n{rows}"), false).train_dev(&tok, Some(5), 3).unwrap();
+    assert_eq!((data.file_rows, data.train_rows.len()), (20, 5));
+    for (e, &row) in data.train.data.examples.iter().zip(&data.train_rows) {
+        assert_eq!(e.text_a, format!("text {row}"));
+    }
+    assert_ne!(data.train_rows, (0..5).collect::<Vec<_>>(), "seed 3 draws other rows than the first five");
 }
 
 #[test]
@@ -133,12 +166,13 @@ fn model_label_names_fix_the_ids_and_placeholders_mean_integers() {
         source: DataSource::Files(files(&dir, "text\tlabel\ngood\t1\nbad\t0\n", None)),
         max_len: 16,
         skip_bad_rows: false,
+        allow_new_labels: false,
     };
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let split = opts.labelled(Split::Train, Labels::Fixed(&names(&["LABEL_0", "LABEL_1"])), &tok).unwrap();
     assert_eq!(split.set.targets, Targets::Classes(vec![1, 0]));
     let err = opts.labelled(Split::Train, Labels::Fixed(&names(&["neg", "pos"])), &tok).unwrap_err();
-    assert!(err.to_string().ends_with("train.tsv:2: unknown label '1' (labels: neg, pos)"), "{err}");
+    assert!(err.to_string().contains("train.tsv:2: unknown label '1' (labels: neg, pos;"), "{err}");
     let err = opts.labelled(Split::Dev, Labels::Fixed(&names(&["neg", "pos"])), &tok).unwrap_err();
     assert_eq!(err.to_string(), "no dev file given");
     // Prediction reads no labels, so a file without the label column will do.
@@ -153,8 +187,12 @@ fn model_label_names_fix_the_ids_and_placeholders_mean_integers() {
 fn glue_train_cut_is_seeded_and_dev_is_whole() {
     let Some(tok) = tokenizer() else { return };
     let Some(dir) = asset("data/glue/SST-2") else { return };
-    let opts =
-        DataOptions { source: DataSource::Glue { task: GlueTask::Sst2, dir }, max_len: 32, skip_bad_rows: false };
+    let opts = DataOptions {
+        source: DataSource::Glue { task: GlueTask::Sst2, dir },
+        max_len: 32,
+        skip_bad_rows: false,
+        allow_new_labels: false,
+    };
     let a = opts.train_dev(&tok, Some(100), 7).unwrap();
     let b = opts.train_dev(&tok, Some(100), 7).unwrap();
     let c = opts.train_dev(&tok, Some(100), 8).unwrap();

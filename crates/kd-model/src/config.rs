@@ -115,12 +115,17 @@ impl BertConfig {
 
     /// Writes `config.json` (keys sorted, as HF does) atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        kd_kernels::io::write_atomic(path, self.to_json(path)?.as_bytes())?;
+        Ok(())
+    }
+
+    /// The text of `config.json` (keys sorted); `path` names the file in errors.
+    pub fn to_json(&self, path: &Path) -> Result<String> {
         self.validate()?;
         let value = serde_json::to_value(self).map_err(|e| Error::file(path, e))?;
         let mut text = serde_json::to_string_pretty(&value).map_err(|e| Error::file(path, e))?;
         text.push('\n');
-        kd_kernels::io::write_atomic(path, text.as_bytes())?;
-        Ok(())
+        Ok(text)
     }
 
     /// HF's `classifier_dropout`, falling back to the hidden dropout when unset or null.

@@ -96,6 +96,11 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Every token and its id, added (special) tokens included.
+    pub fn vocab(&self) -> std::collections::HashMap<String, u32> {
+        self.inner.get_vocab(true)
+    }
+
     /// Encodes texts and optional pair texts with the special tokens, each truncated to at most
     /// `max_len` tokens (longest sequence first for pairs, as HF's default), and pads the batch
     /// on the right to its longest row.

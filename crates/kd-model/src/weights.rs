@@ -448,11 +448,12 @@ impl BertWeights {
     /// Writes `model.safetensors` with `BertForSequenceClassification` / `BertForMaskedLM`
     /// names (the tied decoder is left out, as `transformers` does), atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.save_as(path, Family::Bert)
+        kd_kernels::io::write_atomic(path, &self.to_safetensors(path, Family::Bert)?)?;
+        Ok(())
     }
 
-    /// [`save`](Self::save) under `family`'s names.
-    pub fn save_as(&self, path: &Path, family: Family) -> Result<()> {
+    /// The bytes of `model.safetensors` under `family`'s names; `path` names the file in errors.
+    pub fn to_safetensors(&self, path: &Path, family: Family) -> Result<Vec<u8>> {
         let mut arrays = BTreeMap::new();
         self.try_visit(&mut |name, t| -> Result<()> {
             arrays.insert(family.file_name(name), HostArray { shape: t.shape().to_vec(), data: t.to_vec()? });
@@ -460,8 +461,7 @@ impl BertWeights {
         })?;
         // `transformers` refuses safetensors files without a framework tag.
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        kd_kernels::io::write_safetensors(path, &arrays, Some(metadata))?;
-        Ok(())
+        Ok(kd_kernels::io::safetensors_bytes(path, &arrays, Some(metadata))?)
     }
 }
 
@@ -550,6 +550,13 @@ impl Checkpoint {
         if array.shape != shape {
             return Err(shape_err(&self.path, &name, &array.shape, shape));
         }
+        if let Some(i) = array.data.iter().position(|v| !v.is_finite()) {
+            let detail = format!(
+                "has the non-finite value {} at element {i}: the file is corrupt or was written by a run that diverged",
+                array.data[i]
+            );
+            return Err(tensor_err(&self.path, &name, detail));
+        }
         Ok(Tensor::from_vec(array.data, shape, device)?)
     }
 
@@ -601,7 +608,9 @@ const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "vocab.txt", "tokenizer_co
 /// Writes a HF model folder that `transformers` loads as-is: `config.json` (labels and
 /// `architectures` set from the heads present), `model.safetensors`, and the tokenizer files
 /// copied from beside `tokenizer_file` (the file the tokenizer was read from, which must
-/// exist). Every file is written atomically; all sources are read before anything is written.
+/// exist). The files are written as one ([`kd_kernels::io::write_files_atomic`]): a failed
+/// write (a full disk) leaves the folder's old files as they were, never a new
+/// model.safetensors beside an old config.json.
 pub fn save_pretrained(dir: &Path, config: &BertConfig, weights: &BertWeights, tokenizer_file: &Path) -> Result<()> {
     let mut config = config.clone();
     if let Some(c) = &weights.classifier {
@@ -628,10 +637,12 @@ pub fn save_pretrained(dir: &Path, config: &BertConfig, weights: &BertWeights, t
         }
     }
 
-    weights.save_as(&dir.join("model.safetensors"), family)?;
-    config.save(&dir.join("config.json"))?;
-    for (name, bytes) in tokenizer_files {
-        kd_kernels::io::write_atomic(&dir.join(name), &bytes)?;
-    }
+    let (model_path, config_path) = (dir.join("model.safetensors"), dir.join("config.json"));
+    let model_bytes = weights.to_safetensors(&model_path, family)?;
+    let config_text = config.to_json(&config_path)?;
+    let paths: Vec<PathBuf> = tokenizer_files.iter().map(|(name, _)| dir.join(name)).collect();
+    let mut files: Vec<(&Path, &[u8])> = vec![(&model_path, &model_bytes), (&config_path, config_text.as_bytes())];
+    files.extend(paths.iter().zip(&tokenizer_files).map(|(p, (_, bytes))| (p.as_path(), bytes.as_slice())));
+    kd_kernels::io::write_files_atomic(&files)?;
     Ok(())
 }

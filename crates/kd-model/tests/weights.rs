@@ -128,6 +128,14 @@ fn load_errors_name_the_tensor() {
 
     let err = BertWeights::load(&dir.join("absent.safetensors"), &config, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("absent.safetensors"), "{err}");
+
+    // NaN or infinite weights are refused at load, naming the tensor and the element.
+    for (bad, shown) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf"), (f32::NEG_INFINITY, "-inf")] {
+        let mut poisoned = arrays.clone();
+        poisoned.get_mut("bert.encoder.layer.1.attention.self.key.bias").unwrap().data[5] = bad;
+        let err = load_err(&poisoned);
+        assert_names(err, &["'bert.encoder.layer.1.attention.self.key.bias'", shown, "element 5"]);
+    }
 }
 
 #[test]
@@ -204,6 +212,42 @@ fn minilm_round_trip_and_save_pretrained() {
     config.num_hidden_layers = 2;
     let err = save_pretrained(&out, &config, &w, &src.join("tokenizer.json")).unwrap_err().to_string();
     assert!(err.contains("'bert.encoder.layer.2.") && err.contains("not in the configured model"), "{err}");
+}
+
+/// A full disk while a model folder is saved over an older one: config.json's write fails
+/// (its temporary file is a link to /dev/full, every write to which fails with ENOSPC) after
+/// model.safetensors' was written. Every old file is left as it was, with no temporary file.
+#[test]
+fn save_pretrained_on_a_full_disk_leaves_the_old_folder_whole() {
+    let Some(models) = minilm_dir() else { return };
+    if !std::path::Path::new("/dev/full").exists() {
+        return eprintln!("skipped: no /dev/full");
+    }
+    let src = models.join(STUDENT);
+    let config = BertConfig::from_file(&src.join("config.json")).unwrap();
+    let mut w = BertWeights::load(&src.join("model.safetensors"), &config, &Device::Cpu).unwrap();
+    w.init_classifier(&config, 2, 1).unwrap();
+    let scratch = temp_dir("save-full-disk");
+    let out = scratch.join("student");
+    save_pretrained(&out, &config, &w, &src.join("tokenizer.json")).unwrap();
+    let listing = |dir: &std::path::Path| {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().into_string().unwrap(), std::fs::read(e.path()).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let before = listing(&out);
+
+    w.init_classifier(&config, 2, 2).unwrap();
+    let config_tmp = kd_kernels::io::temp_path(&out.join("config.json"));
+    std::os::unix::fs::symlink("/dev/full", &config_tmp).unwrap();
+    let err = save_pretrained(&out, &config, &w, &src.join("tokenizer.json")).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("No space left"), "{err}");
+    assert!(!config_tmp.exists() && std::fs::symlink_metadata(&config_tmp).is_err(), "temporary file left");
+    assert!(before == listing(&out), "the old folder changed");
 }
 
 #[test]

@@ -35,7 +35,7 @@ use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig, Params};
 use kd_model::{BertWeights, MlmHead};
 
 use crate::batching::{collate, Encoded};
-use crate::trainer::{argmax, Event, LossLog};
+use crate::trainer::{argmax, of_model, Event, LossLog};
 use crate::{Error, Result};
 
 /// Which tokens a masked-LM objective hides and what it puts in their place.
@@ -263,14 +263,14 @@ impl Learner {
                 let w = &mut generator.weights;
                 let head = w.mlm_head.as_mut().expect("checked in Learner::new");
                 head.backward(grads, None, None, mlm, &w.embeddings.word_embeddings)?;
-                optimizer.update(head, grads)?;
+                optimizer.update(head, grads).map_err(of_model("the generator's MLM head's"))?;
             }
             Learner::Whole { optimizer, grads } => {
                 grads.zero()?;
                 let mut out = acts.output_grads()?;
                 generator.mlm_backward(grads, mlm, acts, &mut out)?;
                 generator.backward(grads, acts, &out, batch, None)?;
-                optimizer.update(&mut generator.weights, grads)?;
+                optimizer.update(&mut generator.weights, grads).map_err(of_model("the generator's"))?;
             }
         }
         Ok(())
@@ -330,7 +330,7 @@ pub fn train_generator(
                 let (mut acts, mut mlm, rows) = mlm_pass(generator, &masked, mode, Some(1.0 / p as f32))?;
                 let loss: f64 = rows.iter().map(|&v| v as f64).sum();
                 if !loss.is_finite() {
-                    return Err(Error::NonFinite(format!("MLM loss is {loss} at step {}", step + 1)));
+                    return Err(Error::NonFinite(format!("the generator's MLM loss is {loss} at step {}", step + 1)));
                 }
                 (loss_sum, tokens) = (loss_sum + loss, tokens + p);
                 log.push("mlm", (loss / p as f64) as f32);

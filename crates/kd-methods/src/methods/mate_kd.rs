@@ -56,7 +56,7 @@ use crate::checkpoint;
 use crate::losses;
 use crate::methods::generator::{mask_batch, MaskedBatch, Masking};
 use crate::methods::teacher::check_compatible;
-use crate::trainer::{argmax, batches, DevScores, Event, LossLog, TrainConfig, TrainReport};
+use crate::trainer::{argmax, batches, of_model, DevScores, Event, LossLog, TrainConfig, TrainReport};
 use crate::{Error, Result};
 
 /// MATE-KD's own settings; the student's optimiser comes from the run's [`TrainConfig`].
@@ -444,7 +444,7 @@ impl<'t> MateKd<'t> {
     ) -> Result<f32> {
         let mut pass = AdversarialPass::forward(self.teacher, student, generator, batch, targets, &self.config, seeds)?;
         if !pass.value.is_finite() {
-            return Err(Error::NonFinite(format!("adversarial divergence is {}", pass.value)));
+            return Err(Error::NonFinite(format!("the generator's adversarial divergence is {}", pass.value)));
         }
         if pass.perturbation.sampled.is_empty() {
             return Ok(pass.value);
@@ -454,7 +454,9 @@ impl<'t> MateKd<'t> {
         let dy = pass.d_samples(self.teacher, student, &mut self.teacher_grads, &mut self.student_grads, -1.0)?;
         self.generator_grads.zero()?;
         generator_backward(generator, &mut pass.perturbation, &dy, self.config.gumbel_tau, &mut self.generator_grads)?;
-        self.generator_optimizer.update(&mut generator.weights, &mut self.generator_grads)?;
+        self.generator_optimizer
+            .update(&mut generator.weights, &mut self.generator_grads)
+            .map_err(of_model("the generator's"))?;
         Ok(pass.value)
     }
 
@@ -488,12 +490,14 @@ impl<'t> MateKd<'t> {
             &mut g_perturbed,
         )?;
         if !log.total.is_finite() {
-            return Err(Error::NonFinite(format!("student loss is {}", log.total)));
+            return Err(Error::NonFinite(format!("the student's loss is {}", log.total)));
         }
         self.student_grads.zero()?;
         student.backward(&mut self.student_grads, &mut clean, &g_clean, batch, None)?;
         student.backward(&mut self.student_grads, &mut perturbed, &g_perturbed, &p.perturbed, None)?;
-        self.student_optimizer.update(&mut student.weights, &mut self.student_grads)?;
+        self.student_optimizer
+            .update(&mut student.weights, &mut self.student_grads)
+            .map_err(of_model("the student's"))?;
         Ok(log)
     }
 }
@@ -509,6 +513,14 @@ pub fn adversarial_divergence(
     seeds: &BatchSeeds,
 ) -> Result<f32> {
     Ok(AdversarialPass::forward(teacher, student, generator, batch, targets, cfg, seeds)?.value)
+}
+
+/// Says at which (1-based) batch a non-finite value appeared.
+fn at_step(index: u64) -> impl Fn(Error) -> Error {
+    move |e| match e {
+        Error::NonFinite(what) => Error::NonFinite(format!("{what} at step {}", index + 1)),
+        other => other,
+    }
 }
 
 /// Trains `student` with MATE-KD against `teacher`, adapting `generator` along the way.
@@ -582,14 +594,14 @@ pub fn train(
         let (log, lr) = match mate.phase(index) {
             Phase::Generator => {
                 let lr = run.generator_optimizer.lr();
-                let d_adv = run.generator_step(generator, student, &batch, &targets, &seeds)?;
+                let d_adv = run.generator_step(generator, student, &batch, &targets, &seeds).map_err(at_step(index))?;
                 let mut log = LossLog::default();
                 log.push("generator", -d_adv);
                 (log, lr)
             }
             Phase::Student => {
                 let lr = run.student_optimizer.lr();
-                (run.student_step(student, generator, &batch, &targets, &seeds)?, lr)
+                (run.student_step(student, generator, &batch, &targets, &seeds).map_err(at_step(index))?, lr)
             }
         };
         index += 1;

@@ -19,7 +19,9 @@
 //! Small-loss examples are likely clean, and two differently initialised students make
 //! different mistakes, so each filters label noise the other would memorise. A is the trainer's
 //! student; [`CoTeach`], A's objective, owns B and updates it inside [`Objective::loss`] on the
-//! same batch (B's own dropout seed) before the trainer updates A. Classification only.
+//! same batch (B's own dropout seed) before the trainer updates A; B and its optimiser are saved
+//! in the checkpoint beside A, so a resumed run ends bit for bit where an uninterrupted one does.
+//! Classification only.
 
 use kd_kernels::rng::mix64;
 use kd_kernels::{IdTensor, Tensor};
@@ -28,10 +30,11 @@ use kd_model::optim::Optimizer;
 use kd_model::BertWeights;
 
 use crate::batching::{EncodedSet, Targets};
+use crate::checkpoint::{OwnPart, PartMut};
 use crate::losses;
 use crate::methods::kd::TeacherLogits;
 use crate::metrics::{MetricKind, Metrics};
-use crate::trainer::{argmax, evaluate, LossLog, Objective, StepInput, TrainConfig};
+use crate::trainer::{argmax, evaluate, of_model, LossLog, Objective, StepInput, TrainConfig};
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -175,6 +178,12 @@ impl Objective for CoTeach<'_> {
         Outputs::Logits
     }
 
+    /// B and its AdamW state go into the checkpoint as `peer.`: a resumed run continues B
+    /// where it stopped, bit for bit, rather than restarting it from its initial weights.
+    fn checkpoint_parts(&mut self, _student: &Optimizer) -> Result<(Option<OwnPart<'_>>, Vec<PartMut<'_>>)> {
+        Ok((None, vec![("peer.", &mut self.peer.weights, &mut self.optimizer)]))
+    }
+
     fn loss(&mut self, input: &StepInput, student: &Activations, grads: &mut OutputGrads) -> Result<LossLog> {
         let labels = input
             .targets
@@ -207,7 +216,7 @@ impl Objective for CoTeach<'_> {
         }
         self.grads.zero()?;
         self.peer.backward(&mut self.grads, peer_acts, &peer_grads, batch, None)?;
-        self.optimizer.update(&mut self.peer.weights, &mut self.grads)?;
+        self.optimizer.update(&mut self.peer.weights, &mut self.grads).map_err(of_model("the peer's"))?;
 
         // A's loss on the rows B chose; the trainer does A's update.
         let (ce_a, kd_a) = kd_on_kept(grads, student, labels, &teacher, &keep_a, &p)?;
