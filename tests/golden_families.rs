@@ -144,3 +144,42 @@ fn distilbert_sinusoidal_positions_are_refused_in_one_line() {
     assert!(err.contains("config.json") && err.contains("sinusoidal_pos_embds"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// A bare `DistilBertModel` file (names without `distilbert.`, no head, as sentence-transformers
+/// save them) loads to the same encoder tensors as the full model's file.
+#[test]
+fn distilbert_bare_model_file_loads_the_same_encoder() {
+    let dir = folder("distilbert");
+    let config = BertConfig::from_file(&dir.join("config.json")).unwrap();
+    let full = read_safetensors(&dir.join("model.safetensors")).unwrap();
+    let bare: BTreeMap<String, HostArray> =
+        full.iter().filter_map(|(name, a)| Some((name.strip_prefix("distilbert.")?.to_string(), a.clone()))).collect();
+    assert!(bare.contains_key("transformer.layer.1.ffn.lin2.weight"));
+    let path = temp_dir("bare").join("model.safetensors");
+    kd_kernels::io::write_safetensors(&path, &bare, None).unwrap();
+    let [full, bare] =
+        [dir.join("model.safetensors"), path].map(|p| BertWeights::load(&p, &config, &Device::Cpu).unwrap());
+    assert!(bare.pooler.is_none() && bare.classifier.is_none());
+    let mut encoder = BTreeMap::new();
+    full.visit(&mut |name, t| {
+        encoder.insert(name.to_string(), t.to_vec().unwrap());
+    });
+    let mut compared = 0;
+    bare.visit(&mut |name, t| {
+        assert_eq!(t.to_vec().unwrap(), encoder[name], "{name}");
+        compared += 1;
+    });
+    // Word, position, LayerNorm (2) embeddings and 16 tensors per layer.
+    assert_eq!(compared, 4 + 16 * config.num_hidden_layers);
+}
+
+/// Errors about a DistilBERT config name DistilBERT's keys, the ones in the user's file.
+#[test]
+fn distilbert_config_errors_name_its_keys() {
+    let mut config = read_json(&folder("distilbert").join("config.json"));
+    config["n_heads"] = 5.into();
+    let path = temp_dir("keys").join("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = BertConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("dim 32 is not divisible by n_heads 5"), "{err}");
+}

@@ -194,9 +194,12 @@ impl BertConfig {
     /// Rejects configurations that kd would run wrongly rather than refuse.
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(Error::Config(msg));
+        // Errors name the keys of the config.json the user has (DistilBERT's `dim`, not `hidden_size`).
+        let key = |bert: &'static str| Family::of(self).config_key(bert);
         if self.hidden_act != "gelu" {
             return fail(format!(
-                "hidden_act '{}' is not supported (only 'gelu', the exact erf GELU)",
+                "{} '{}' is not supported (only 'gelu', the exact erf GELU)",
+                key("hidden_act"),
                 self.hidden_act
             ));
         }
@@ -209,7 +212,7 @@ impl BertConfig {
             ("max_position_embeddings", self.max_position_embeddings),
         ] {
             if value == 0 {
-                return fail(format!("{name} is 0"));
+                return fail(format!("{} is 0", key(name)));
             }
         }
         match (Family::of(self).has_token_types(), self.type_vocab_size) {
@@ -221,8 +224,11 @@ impl BertConfig {
         }
         if self.head_dim() * self.num_attention_heads != self.hidden_size {
             return fail(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
+                "{} {} is not divisible by {} {}",
+                key("hidden_size"),
+                self.hidden_size,
+                key("num_attention_heads"),
+                self.num_attention_heads
             ));
         }
         for (name, p) in [
@@ -230,7 +236,7 @@ impl BertConfig {
             ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
         ] {
             if !(0.0..1.0).contains(&p) {
-                return fail(format!("{name} {p} is outside [0, 1)"));
+                return fail(format!("{} {p} is outside [0, 1)", key(name)));
             }
         }
         if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {

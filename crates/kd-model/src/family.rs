@@ -41,7 +41,9 @@ const ROBERTA_NAMES: [(&str, &str); 7] = [
 const ELECTRA_NAMES: [(&str, &str); 3] =
     [("bert.pooler.dense.", "classifier.dense."), ("classifier.", "classifier.out_proj."), ("bert.", "electra.")];
 
-const DISTILBERT_NAMES: [(&str, &str); 7] = [
+/// The last rule reads a bare `DistilBertModel` file (sentence-transformers' DistilBERTs), whose
+/// layers are under `transformer.layer.`; writing never reaches it.
+const DISTILBERT_NAMES: [(&str, &str); 8] = [
     ("bert.pooler.dense.", "pre_classifier."),
     ("cls.predictions.transform.dense.", "vocab_transform."),
     ("cls.predictions.transform.LayerNorm.", "vocab_layer_norm."),
@@ -49,6 +51,7 @@ const DISTILBERT_NAMES: [(&str, &str); 7] = [
     ("cls.predictions.bias", "vocab_projector.bias"),
     ("bert.encoder.layer.", "distilbert.transformer.layer."),
     ("bert.", "distilbert."),
+    ("bert.encoder.layer.", "transformer.layer."),
 ];
 
 /// DistilBERT's names inside layer N (after `...layer.N.`), as [`DISTILBERT_NAMES`].
@@ -142,6 +145,14 @@ impl Family {
         }
         let name = rename(name, self.names().iter().map(|&(bert, own)| (own, bert)));
         Some(rename_in_layer(&name, LAYER, self.layer_names().iter().map(|&(bert, own)| (own, bert))))
+    }
+
+    /// The family's `config.json` key for BERT's key `bert` (which kd's [`BertConfig`] uses).
+    pub fn config_key(self, bert: &'static str) -> &'static str {
+        match self {
+            Family::Distilbert => distilbert_config_keys().find(|&(b, _, _)| b == bert).map_or(bert, |(_, own, _)| own),
+            Family::Bert | Family::Roberta | Family::Electra => bert,
+        }
     }
 
     /// Whether the family's embeddings add token type embeddings (DistilBERT's do not).
