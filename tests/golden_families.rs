@@ -132,6 +132,7 @@ fn distilbert_config_reads_and_writes_its_own_keys() {
     let saved = temp_dir("config").join("config.json");
     c.save(&saved).unwrap();
     assert_eq!(read_json(&saved), read_json(&src));
+    std::fs::remove_dir_all(saved.parent().unwrap()).unwrap();
 }
 
 #[test]
@@ -143,6 +144,7 @@ fn distilbert_sinusoidal_positions_are_refused_in_one_line() {
     let err = BertConfig::from_file(&path).unwrap_err().to_string();
     assert!(err.contains("config.json") && err.contains("sinusoidal_pos_embds"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
 
 /// A bare `DistilBertModel` file (names without `distilbert.`, no head, as sentence-transformers
@@ -158,7 +160,7 @@ fn distilbert_bare_model_file_loads_the_same_encoder() {
     let path = temp_dir("bare").join("model.safetensors");
     kd_kernels::io::write_safetensors(&path, &bare, None).unwrap();
     let [full, bare] =
-        [dir.join("model.safetensors"), path].map(|p| BertWeights::load(&p, &config, &Device::Cpu).unwrap());
+        [dir.join("model.safetensors"), path.clone()].map(|p| BertWeights::load(&p, &config, &Device::Cpu).unwrap());
     assert!(bare.pooler.is_none() && bare.classifier.is_none());
     let mut encoder = BTreeMap::new();
     full.visit(&mut |name, t| {
@@ -171,6 +173,7 @@ fn distilbert_bare_model_file_loads_the_same_encoder() {
     });
     // Word, position, LayerNorm (2) embeddings and 16 tensors per layer.
     assert_eq!(compared, 4 + 16 * config.num_hidden_layers);
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
 
 /// Errors about a DistilBERT config name DistilBERT's keys, the ones in the user's file.
@@ -182,4 +185,5 @@ fn distilbert_config_errors_name_its_keys() {
     std::fs::write(&path, config.to_string()).unwrap();
     let err = BertConfig::from_file(&path).unwrap_err().to_string();
     assert!(err.contains("dim 32 is not divisible by n_heads 5"), "{err}");
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
