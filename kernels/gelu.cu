@@ -22,6 +22,13 @@ struct Tanh {
     __device__ __forceinline__ float grad(float y) const { return 1.f - y * y; }
 };
 
+// ReLU (DistilBERT's classifier head); its backward takes the forward's output y: y > 0 exactly
+// where x > 0, so the gradient passes where the output is positive, 0 at x = 0 as in PyTorch.
+struct Relu {
+    __device__ __forceinline__ float forward(float x) const { return fmaxf(x, 0.f); }
+    __device__ __forceinline__ float grad(float y) const { return y > 0.f ? 1.f : 0.f; }
+};
+
 template <class Act>
 __device__ __forceinline__ void act_forward(float* out, const float* x, int n) {
     long long i = kd_element_index();
@@ -51,4 +58,13 @@ extern "C" __global__ void tanh_forward_f32(float* __restrict__ out, const float
 extern "C" __global__ void tanh_backward_f32(float* __restrict__ dx, const float* __restrict__ dout,
                                              const float* __restrict__ y, int n) {
     act_backward<Tanh>(dx, dout, y, n);
+}
+
+extern "C" __global__ void relu_forward_f32(float* __restrict__ out, const float* __restrict__ x, int n) {
+    act_forward<Relu>(out, x, n);
+}
+
+extern "C" __global__ void relu_backward_f32(float* __restrict__ dx, const float* __restrict__ dout,
+                                             const float* __restrict__ y, int n) {
+    act_backward<Relu>(dx, dout, y, n);
 }

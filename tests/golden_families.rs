@@ -101,3 +101,89 @@ fn electra_matches_transformers() {
         check_family("electra", &device);
     }
 }
+
+#[test]
+fn distilbert_matches_transformers() {
+    for device in testing::devices() {
+        check_family("distilbert", &device);
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kd-golden-families-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// DistilBERT's keys become BERT's inside kd and are written back as DistilBERT's, nothing added
+/// or lost (so `transformers` reads a kd-saved config as the one it wrote).
+#[test]
+fn distilbert_config_reads_and_writes_its_own_keys() {
+    let src = folder("distilbert").join("config.json");
+    let c = BertConfig::from_file(&src).unwrap();
+    assert_eq!(Family::of(&c), Family::Distilbert);
+    assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size), (32, 2, 4, 37));
+    assert_eq!((c.type_vocab_size, c.max_position_embeddings, c.hidden_act.as_str()), (0, 40, "gelu"));
+    assert_eq!((c.hidden_dropout_prob, c.attention_probs_dropout_prob, c.classifier_dropout()), (0.0, 0.0, 0.0));
+    let saved = temp_dir("config").join("config.json");
+    c.save(&saved).unwrap();
+    assert_eq!(read_json(&saved), read_json(&src));
+    std::fs::remove_dir_all(saved.parent().unwrap()).unwrap();
+}
+
+#[test]
+fn distilbert_sinusoidal_positions_are_refused_in_one_line() {
+    let mut config = read_json(&folder("distilbert").join("config.json"));
+    config["sinusoidal_pos_embds"] = true.into();
+    let path = temp_dir("sinusoidal").join("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = BertConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("sinusoidal_pos_embds"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
+
+/// A bare `DistilBertModel` file (names without `distilbert.`, no head, as sentence-transformers
+/// save them) loads to the same encoder tensors as the full model's file.
+#[test]
+fn distilbert_bare_model_file_loads_the_same_encoder() {
+    let dir = folder("distilbert");
+    let config = BertConfig::from_file(&dir.join("config.json")).unwrap();
+    let full = read_safetensors(&dir.join("model.safetensors")).unwrap();
+    let bare: BTreeMap<String, HostArray> =
+        full.iter().filter_map(|(name, a)| Some((name.strip_prefix("distilbert.")?.to_string(), a.clone()))).collect();
+    assert!(bare.contains_key("transformer.layer.1.ffn.lin2.weight"));
+    let path = temp_dir("bare").join("model.safetensors");
+    kd_kernels::io::write_safetensors(&path, &bare, None).unwrap();
+    let [full, bare] =
+        [dir.join("model.safetensors"), path.clone()].map(|p| BertWeights::load(&p, &config, &Device::Cpu).unwrap());
+    assert!(bare.pooler.is_none() && bare.classifier.is_none());
+    let mut encoder = BTreeMap::new();
+    full.visit(&mut |name, t| {
+        encoder.insert(name.to_string(), t.to_vec().unwrap());
+    });
+    let mut compared = 0;
+    bare.visit(&mut |name, t| {
+        assert_eq!(t.to_vec().unwrap(), encoder[name], "{name}");
+        compared += 1;
+    });
+    // Word, position, LayerNorm (2) embeddings and 16 tensors per layer.
+    assert_eq!(compared, 4 + 16 * config.num_hidden_layers);
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
+
+/// Errors about a DistilBERT config name DistilBERT's keys, the ones in the user's file.
+#[test]
+fn distilbert_config_errors_name_its_keys() {
+    let mut config = read_json(&folder("distilbert").join("config.json"));
+    config["n_heads"] = 5.into();
+    let path = temp_dir("keys").join("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = BertConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("dim 32 is not divisible by n_heads 5"), "{err}");
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}

@@ -1,4 +1,4 @@
-//! `kd-cli` on encoder families besides BERT: the tiny RoBERTa and ELECTRA of
+//! `kd-cli` on encoder families besides BERT: the tiny RoBERTa, ELECTRA and DistilBERT of
 //! tests/assets/families are fine-tuned, distilled into a student of their family and reloaded,
 //! all under the family's names; model folders kd cannot read fail with one line.
 mod common;
@@ -26,7 +26,7 @@ fn write_words(path: &Path, rows: usize, seed: usize) {
 
 #[test]
 fn roberta_finetune_distill_and_eval_keep_its_names() {
-    let dir = end_to_end("roberta", "Roberta");
+    let dir = end_to_end("roberta", "Roberta", ROBERTA_HEAD);
     let [teacher, student, train, dev] = ["teacher", "student", "train.tsv", "dev.tsv"].map(|f| dir.join(f));
     let data = ["--train", s(&train), "--dev", s(&dev), "--max-len", "32", "--epochs", "1"];
     // A BERT student cannot read the RoBERTa teacher's tokens.
@@ -49,13 +49,23 @@ fn roberta_finetune_distill_and_eval_keep_its_names() {
 
 #[test]
 fn electra_finetune_distill_and_eval_keep_its_names() {
-    let dir = end_to_end("electra", "Electra");
+    let dir = end_to_end("electra", "Electra", ROBERTA_HEAD);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn distilbert_finetune_distill_and_eval_keep_its_names() {
+    let dir = end_to_end("distilbert", "DistilBert", ["pre_classifier.", "classifier."]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The prefixes of the classifier head's two dense layers in RoBERTa's and ELECTRA's files.
+const ROBERTA_HEAD: [&str; 2] = ["classifier.dense.", "classifier.out_proj."];
+
 /// Fine-tunes the family's tiny model, distils it into a student of the family, checks the
-/// student's names and architecture, and that it reloads to the accuracy training reported.
-fn end_to_end(name: &str, class_prefix: &str) -> PathBuf {
+/// student's names (the encoder's under `{name}.`, the head's under `head`) and architecture,
+/// and that it reloads to the accuracy training reported.
+fn end_to_end(name: &str, class_prefix: &str, head: [&str; 2]) -> PathBuf {
     let dir = scratch(name);
     let (train, dev) = (dir.join("train.tsv"), dir.join("dev.tsv"));
     write_words(&train, 96, 0);
@@ -71,8 +81,9 @@ fn end_to_end(name: &str, class_prefix: &str) -> PathBuf {
     assert_eq!(config["model_type"], name);
     let names = kd_kernels::io::read_safetensors(&student.join("model.safetensors")).unwrap();
     let prefix = format!("{name}.");
-    assert!(names.keys().all(|k| k.starts_with(&prefix) || k.starts_with("classifier.")), "{:?}", names.keys());
-    assert!(names.contains_key("classifier.out_proj.weight") && names.contains_key("classifier.dense.weight"));
+    let ours = |k: &String| k.starts_with(&prefix) || head.iter().any(|h| k.starts_with(h));
+    assert!(names.keys().all(ours), "{:?}", names.keys());
+    assert!(head.iter().all(|h| names.contains_key(&format!("{h}weight"))), "{:?}", names.keys());
 
     let eval = last_json(&ok(kd(&["eval", "--model", s(&student), "--dev", s(&dev), "--max-len", "32", "--json"])));
     assert_eq!(eval["accuracy"], distilled["accuracy"]);
@@ -103,6 +114,6 @@ fn unreadable_model_folders_fail_with_one_line() {
     let xlnet = copy("xlnet", "golden.safetensors");
     let config = std::fs::read_to_string(xlnet.join("config.json")).unwrap().replace("\"roberta\"", "\"xlnet\"");
     std::fs::write(xlnet.join("config.json"), config).unwrap();
-    fails_with(eval(&xlnet), &["\"xlnet\"", "bert, roberta, electra"]);
+    fails_with(eval(&xlnet), &["\"xlnet\"", "bert, roberta, electra, distilbert"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }

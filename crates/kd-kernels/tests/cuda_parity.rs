@@ -370,7 +370,7 @@ fn cuda_device_without_driver_is_a_one_line_error() {
 
 use kd_kernels::ops::bias::{add, add_bias_inplace, add_inplace, bias_backward, scale_inplace};
 use kd_kernels::ops::dropout::{dropout_backward, dropout_backward_rows, dropout_forward, dropout_forward_rows};
-use kd_kernels::ops::gelu::{gelu_backward, gelu_forward, tanh_backward, tanh_forward};
+use kd_kernels::ops::gelu::{gelu_backward, gelu_forward, relu_backward, relu_forward, tanh_backward, tanh_forward};
 use kd_kernels::ops::layernorm::{layernorm_backward, layernorm_forward};
 
 #[test]
@@ -429,6 +429,13 @@ fn activations_match_cpu() {
             tanh_forward(&mut y, &t(&x, shape, dev)).unwrap();
             let mut dx = t(&init, shape, dev);
             tanh_backward(&mut dx, &t(&dout, shape, dev), &y).unwrap();
+            vec![("y", host(&y)), ("dx", host(&dx))]
+        });
+        parity(&gpu, &format!("relu {shape:?}"), RTOL, |dev| {
+            let mut y = Tensor::zeros(shape, dev).unwrap();
+            relu_forward(&mut y, &t(&x, shape, dev)).unwrap();
+            let mut dx = t(&init, shape, dev);
+            relu_backward(&mut dx, &t(&dout, shape, dev), &y).unwrap();
             vec![("y", host(&y)), ("dx", host(&dx))]
         });
     }

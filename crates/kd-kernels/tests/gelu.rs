@@ -1,9 +1,12 @@
-//! Exact (erf) GELU and tanh against float64, their backwards against finite differences.
+//! Exact (erf) GELU and tanh against float64, their backwards against finite differences; ReLU
+//! exactly.
 mod common;
 
 use common::*;
 use kd_kernels::ops::bias::add_bias_inplace;
-use kd_kernels::ops::gelu::{bias_gelu_forward, gelu_backward, gelu_forward, tanh_backward, tanh_forward};
+use kd_kernels::ops::gelu::{
+    bias_gelu_forward, gelu_backward, gelu_forward, relu_backward, relu_forward, tanh_backward, tanh_forward,
+};
 use kd_kernels::rng::Rng;
 use kd_kernels::Error;
 
@@ -120,6 +123,29 @@ fn tanh_matches_reference_and_finite_differences() {
 }
 
 #[test]
+fn relu_matches_reference_and_passes_gradient_where_positive() {
+    let mut rng = Rng::new(5);
+    for n in [1, 9, 40_000] {
+        let mut x = randn(&mut rng, n, 2.0);
+        // x = 0 exactly: PyTorch's ReLU passes no gradient there.
+        x[n / 2] = 0.0;
+        let mut y = tensor(&vec![f32::NAN; n], &[n]);
+        relu_forward(&mut y, &tensor(&x, &[n])).unwrap();
+        let want: Vec<f64> = x.iter().map(|&v| (v as f64).max(0.0)).collect();
+        assert_close("relu", y.cpu().unwrap(), &want, 0.0, 0.0);
+
+        let r = randn(&mut rng, n, 1.0);
+        let dx0 = randn(&mut rng, n, 1.0);
+        let mut dx = tensor(&dx0, &[n]);
+        relu_backward(&mut dx, &tensor(&r, &[n]), &y).unwrap();
+        // The same f32 sum the op makes, so the comparison is exact.
+        let want: Vec<f64> =
+            x.iter().zip(&r).zip(&dx0).map(|((&x, &r), &d)| (d + if x > 0.0 { r } else { 0.0 }) as f64).collect();
+        assert_close("relu dx", dx.cpu().unwrap(), &want, 0.0, 0.0);
+    }
+}
+
+#[test]
 fn rejects_bad_shapes() {
     let r = gelu_forward(&mut zeros(&[3, 4]), &zeros(&[4, 3]));
     assert!(matches!(r, Err(Error::Shape { op: "gelu_forward", .. })), "{r:?}");
@@ -131,6 +157,10 @@ fn rejects_bad_shapes() {
     assert!(matches!(r, Err(Error::Shape { op: "tanh_forward", .. })), "{r:?}");
     let r = tanh_backward(&mut zeros(&[4]), &zeros(&[4]), &zeros(&[3]));
     assert!(matches!(r, Err(Error::Shape { op: "tanh_backward", .. })), "{r:?}");
+    let r = relu_forward(&mut zeros(&[3]), &zeros(&[4]));
+    assert!(matches!(r, Err(Error::Shape { op: "relu_forward", .. })), "{r:?}");
+    let r = relu_backward(&mut zeros(&[4]), &zeros(&[3]), &zeros(&[4]));
+    assert!(matches!(r, Err(Error::Shape { op: "relu_backward", .. })), "{r:?}");
 }
 
 #[test]

@@ -594,7 +594,7 @@ impl Bert {
         let eps = cfg.layer_norm_eps as f32;
         let p_hidden = if mode.train { cfg.hidden_dropout_prob as f32 } else { 0.0 };
 
-        // Embeddings: word (or given) + position + token type, LayerNorm, dropout.
+        // Embeddings: word (or given) + position + token type (if the family has them), LayerNorm, dropout.
         let e = &w.embeddings;
         match inputs_embeds {
             Some(x) => {
@@ -607,7 +607,9 @@ impl Bert {
         acts.positions = family_positions(cfg, batch)?;
         let positions = acts.positions.as_ref().unwrap_or(&batch.positions);
         embedding::embedding_forward(&mut acts.emb_sum, positions, &e.position_embeddings, true)?;
-        embedding::embedding_forward(&mut acts.emb_sum, &batch.type_ids, &e.token_type_embeddings, true)?;
+        if let Some(types) = &e.token_type_embeddings {
+            embedding::embedding_forward(&mut acts.emb_sum, &batch.type_ids, types, true)?;
+        }
         layer_norm(&mut acts.emb_ln, &mut acts.emb_mean, &mut acts.emb_rstd, &acts.emb_sum, &e.layer_norm, eps)?;
         let dropped = acts.emb_out.as_mut().unwrap_or(&mut acts.hidden[0]);
         dropout::dropout_forward(dropped, &acts.emb_ln, p_hidden, site_seed(mode.seed, SITE_EMBEDDINGS))?;
@@ -718,6 +720,7 @@ impl Bert {
             match Family::of(cfg).head_activation() {
                 HeadActivation::Tanh => gelu::tanh_forward(&mut acts.pooled, &acts.pooled_pre)?,
                 HeadActivation::Gelu => gelu::gelu_forward(&mut acts.pooled, &acts.pooled_pre)?,
+                HeadActivation::Relu => gelu::relu_forward(&mut acts.pooled, &acts.pooled_pre)?,
             }
             let p_cls = if mode.train { cfg.classifier_dropout() as f32 } else { 0.0 };
             dropout::dropout_forward(&mut acts.pooled_dropped, &acts.pooled, p_cls, site_seed(mode.seed, SITE_POOLER))?;
@@ -789,6 +792,7 @@ impl Bert {
             match Family::of(cfg).head_activation() {
                 HeadActivation::Tanh => gelu::tanh_backward(&mut s.d_pooled_pre, &s.d_pooled, &acts.pooled)?,
                 HeadActivation::Gelu => gelu::gelu_backward(&mut s.d_pooled_pre, &s.d_pooled, &acts.pooled_pre)?,
+                HeadActivation::Relu => gelu::relu_backward(&mut s.d_pooled_pre, &s.d_pooled, &acts.pooled)?,
             }
             let last = acts.hidden.last().expect("at least the embedding output");
             if cls_tail {
@@ -961,7 +965,9 @@ impl Bert {
         )?;
         let positions = acts.positions.as_ref().unwrap_or(&batch.positions);
         embedding::embedding_backward(&mut ge.position_embeddings, d_a, positions)?;
-        embedding::embedding_backward(&mut ge.token_type_embeddings, d_a, &batch.type_ids)?;
+        if let Some(types) = &mut ge.token_type_embeddings {
+            embedding::embedding_backward(types, d_a, &batch.type_ids)?;
+        }
         match (acts.used_inputs_embeds, d_inputs_embeds) {
             (true, Some(dx)) => bias::add_inplace(dx, d_a)?,
             (true, None) => {}

@@ -5,6 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
+use crate::family::Family;
 use crate::{Error, Result};
 
 /// A BERT configuration as HF `BertConfig` writes it. Keys kd does not use are kept in `extra`
@@ -76,7 +77,7 @@ fn id_keyed<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<BTree
 }
 
 /// The `model_type`s kd runs; a config without one is taken as BERT.
-pub const MODEL_TYPES: [&str; 3] = ["bert", "roberta", "electra"];
+pub const MODEL_TYPES: [&str; 4] = ["bert", "roberta", "electra", "distilbert"];
 
 fn check_model_type(model_type: Option<&Value>) -> Result<()> {
     match model_type {
@@ -93,9 +94,12 @@ impl BertConfig {
     /// default label names when none are given, as in HF.
     pub fn from_file(path: &Path) -> Result<BertConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not JSON: {e}")))?;
+        let mut value: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not JSON: {e}")))?;
         // Another family's config lacks BERT's keys: its model type is the useful complaint.
         check_model_type(value.get("model_type")).map_err(|e| Error::file(path, e))?;
+        if let Value::Object(map) = &mut value {
+            Family::config_to_bert(map).map_err(|e| Error::file(path, e))?;
+        }
         let mut config: BertConfig =
             serde_json::from_value(value).map_err(|e| Error::file(path, format!("not a BERT config.json: {e}")))?;
         if let Some(n) = config.extra.remove("num_labels") {
@@ -122,7 +126,10 @@ impl BertConfig {
     /// The text of `config.json` (keys sorted); `path` names the file in errors.
     pub fn to_json(&self, path: &Path) -> Result<String> {
         self.validate()?;
-        let value = serde_json::to_value(self).map_err(|e| Error::file(path, e))?;
+        let mut value = serde_json::to_value(self).map_err(|e| Error::file(path, e))?;
+        if let Value::Object(map) = &mut value {
+            Family::of(self).config_from_bert(map);
+        }
         let mut text = serde_json::to_string_pretty(&value).map_err(|e| Error::file(path, e))?;
         text.push('\n');
         Ok(text)
@@ -192,9 +199,12 @@ impl BertConfig {
     /// Rejects configurations that kd would run wrongly rather than refuse.
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(Error::Config(msg));
+        // Errors name the keys of the config.json the user has (DistilBERT's `dim`, not `hidden_size`).
+        let key = |bert: &'static str| Family::of(self).config_key(bert);
         if self.hidden_act != "gelu" {
             return fail(format!(
-                "hidden_act '{}' is not supported (only 'gelu', the exact erf GELU)",
+                "{} '{}' is not supported (only 'gelu', the exact erf GELU)",
+                key("hidden_act"),
                 self.hidden_act
             ));
         }
@@ -205,16 +215,25 @@ impl BertConfig {
             ("num_attention_heads", self.num_attention_heads),
             ("intermediate_size", self.intermediate_size),
             ("max_position_embeddings", self.max_position_embeddings),
-            ("type_vocab_size", self.type_vocab_size),
         ] {
             if value == 0 {
-                return fail(format!("{name} is 0"));
+                return fail(format!("{} is 0", key(name)));
             }
+        }
+        match (Family::of(self).has_token_types(), self.type_vocab_size) {
+            (true, 0) => return fail("type_vocab_size is 0".into()),
+            (false, n) if n != 0 => {
+                return fail(format!("type_vocab_size is {n}, but this model_type has no token type embeddings"))
+            }
+            _ => {}
         }
         if self.head_dim() * self.num_attention_heads != self.hidden_size {
             return fail(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
+                "{} {} is not divisible by {} {}",
+                key("hidden_size"),
+                self.hidden_size,
+                key("num_attention_heads"),
+                self.num_attention_heads
             ));
         }
         for (name, p) in [
@@ -222,7 +241,7 @@ impl BertConfig {
             ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
         ] {
             if !(0.0..1.0).contains(&p) {
-                return fail(format!("{name} {p} is outside [0, 1)"));
+                return fail(format!("{} {p} is outside [0, 1)", key(name)));
             }
         }
         if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {

@@ -31,7 +31,8 @@ pub struct Embeddings {
     /// `[vocab, hidden]`; also the MLM decoder's weight (tied).
     pub word_embeddings: Tensor,
     pub position_embeddings: Tensor,
-    pub token_type_embeddings: Tensor,
+    /// `None` for DistilBERT, which has no token types.
+    pub token_type_embeddings: Option<Tensor>,
     pub layer_norm: LayerNorm,
     /// ELECTRA's `embeddings_project` from the embedding width to the hidden width, when they
     /// differ.
@@ -101,6 +102,7 @@ struct Dims {
     hidden: usize,
     intermediate: usize,
     max_positions: usize,
+    /// 0: no token type embeddings.
     type_vocab: usize,
     layers: usize,
     pooler: bool,
@@ -164,7 +166,9 @@ macro_rules! walk {
         let e = &$($m)? $w.embeddings;
         $f(WORD_EMBEDDINGS, &$($m)? e.word_embeddings)?;
         $f(POSITION_EMBEDDINGS, &$($m)? e.position_embeddings)?;
-        $f(TOKEN_TYPE_EMBEDDINGS, &$($m)? e.token_type_embeddings)?;
+        if let Some(t) = &$($m)? e.token_type_embeddings {
+            $f(TOKEN_TYPE_EMBEDDINGS, t)?;
+        }
         pair!(EMBEDDINGS_LAYER_NORM, e.layer_norm);
         if let Some(p) = &$($m)? e.project {
             pair!(EMBEDDINGS_PROJECT, p);
@@ -201,7 +205,9 @@ impl BertWeights {
         let embeddings = Embeddings {
             word_embeddings: make(WORD_EMBEDDINGS, &[d.vocab, e])?,
             position_embeddings: make(POSITION_EMBEDDINGS, &[d.max_positions, e])?,
-            token_type_embeddings: make(TOKEN_TYPE_EMBEDDINGS, &[d.type_vocab, e])?,
+            token_type_embeddings: (d.type_vocab > 0)
+                .then(|| make(TOKEN_TYPE_EMBEDDINGS, &[d.type_vocab, e]))
+                .transpose()?,
             layer_norm: layer_norm(make, EMBEDDINGS_LAYER_NORM, e)?,
             project: (e != h).then(|| linear(make, EMBEDDINGS_PROJECT, h, e)).transpose()?,
         };
@@ -239,7 +245,7 @@ impl BertWeights {
             hidden: self.layers.first().map_or(dim(&e.word_embeddings, 1), |l| dim(&l.query.weight, 0)),
             intermediate: self.layers.first().map_or(0, |l| dim(&l.intermediate.weight, 0)),
             max_positions: dim(&e.position_embeddings, 0),
-            type_vocab: dim(&e.token_type_embeddings, 0),
+            type_vocab: e.token_type_embeddings.as_ref().map_or(0, |t| dim(t, 0)),
             layers: self.layers.len(),
             pooler: self.pooler.is_some(),
             labels: self.classifier.as_ref().map(|c| dim(&c.weight, 0)),

@@ -26,7 +26,7 @@ fn loads_minilm_checkpoints() {
         assert_eq!(w.layers.len(), layers, "{model}");
         assert_eq!(w.embeddings.word_embeddings.shape(), [30522, 384]);
         assert_eq!(w.embeddings.position_embeddings.shape(), [512, 384]);
-        assert_eq!(w.embeddings.token_type_embeddings.shape(), [2, 384]);
+        assert_eq!(w.embeddings.token_type_embeddings.as_ref().unwrap().shape(), [2, 384]);
         let last = w.layers.last().unwrap();
         assert_eq!(last.query.weight.shape(), [384, 384]);
         assert_eq!(last.intermediate.weight.shape(), [1536, 384]);

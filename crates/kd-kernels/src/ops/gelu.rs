@@ -1,5 +1,5 @@
-//! Activations: exact GELU, HF's `"gelu"`: `0.5 * x * (1 + erf(x / sqrt 2))`, and tanh (the
-//! pooler's).
+//! Activations: exact GELU, HF's `"gelu"`: `0.5 * x * (1 + erf(x / sqrt 2))`, tanh (BERT's
+//! pooler) and ReLU (DistilBERT's classifier head).
 //!
 //! On the CPU, GELU and its gradient are branch-free f32 polynomials (selects, no calls), so that
 //! LLVM vectorises their loops: `Phi(x)` is a Taylor series for `|x| < 1` and Numerical Recipes'
@@ -68,6 +68,21 @@ pub fn tanh_forward(out: &mut Tensor, x: &Tensor) -> Result<()> {
 pub fn tanh_backward(dx: &mut Tensor, dout: &Tensor, y: &Tensor) -> Result<()> {
     map_backward("tanh_backward", "tanh_backward_f32", dx, dout, y, |dx, dout, y| {
         dx.iter_mut().zip(dout).zip(y).for_each(|((d, &g), &y)| *d += g * (1.0 - y * y))
+    })
+}
+
+/// `out = max(x, 0)` (DistilBERT's head activation).
+pub fn relu_forward(out: &mut Tensor, x: &Tensor) -> Result<()> {
+    map_forward("relu_forward", "relu_forward_f32", out, x, |out, x| {
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0))
+    })
+}
+
+/// `dx += dout * [y > 0]`, from the forward's output `y = relu(x)`: `y > 0` exactly where `x > 0`,
+/// and at `x = 0` the gradient is 0, as PyTorch's.
+pub fn relu_backward(dx: &mut Tensor, dout: &Tensor, y: &Tensor) -> Result<()> {
+    map_backward("relu_backward", "relu_backward_f32", dx, dout, y, |dx, dout, y| {
+        dx.iter_mut().zip(dout).zip(y).for_each(|((d, &g), &y)| *d += if y > 0.0 { g } else { 0.0 })
     })
 }
 
