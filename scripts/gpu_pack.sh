@@ -26,7 +26,7 @@ executables() { jq -r 'select(.executable != null) | .executable'; }
 cargo build --release -p kd-cli
 cp target/release/kd-cli .gpu/bin/
 cargo test --release --no-run --message-format=json -p kd-kernels --test cuda_parity -p kd --test golden_bert \
-    -p kd-model --test bert_outputs |
+    -p kd --test golden_families -p kd-model --test bert_outputs |
     executables | while read -r exe; do cp "$exe" ".gpu/bin/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
 cargo bench --no-run --message-format=json -p kd --bench kernels |
     executables | while read -r exe; do cp "$exe" ".gpu/bin/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done

@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/kd-gpu}
 mkdir -p "$out"
-export KD_ASSETS=$PWD/.gpu/shared KD_REQUIRE_CUDA=1 KD_REQUIRE_ASSETS=1
+export KD_ASSETS=$PWD/.gpu/shared KD_REPO=$PWD KD_REQUIRE_CUDA=1 KD_REQUIRE_ASSETS=1
 # cudarc dlopens libcublas by name; PyTorch's wheels carry it.
 cublas=$(find / -xdev \( -path /proc -o -path /sys \) -prune -o -name 'libcublas.so.1[0-9]*' -print 2>/dev/null | head -1)
 [[ -n $cublas ]] && export LD_LIBRARY_PATH=$(dirname "$cublas"):${LD_LIBRARY_PATH:-}
@@ -88,6 +88,7 @@ verify() {
     step parity timeout 240 "$bin/cuda_parity" --test-threads 1
     step golden_tiny timeout 60 "$bin/golden_bert" tiny_bert --test-threads 1
     step bert_outputs timeout 60 "$bin/bert_outputs" --test-threads 1
+    step golden_families timeout 60 "$bin/golden_families" --test-threads 1
     step golden_tiny_flash env KD_FLASH_ATTENTION=1 timeout 60 "$bin/golden_bert" tiny_bert --test-threads 1
     step bert_outputs_flash env KD_FLASH_ATTENTION=1 timeout 60 "$bin/bert_outputs" --test-threads 1
     step bench_kernels timeout 150 "$bin/kernels" --bench '^(softmax_kl|attention)_fwd_bwd/cuda' --warm-up-time 1 \

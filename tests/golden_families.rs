@@ -14,8 +14,11 @@ use kd_model::bert::{Bert, EncoderBatch, ForwardMode};
 use kd_model::family::Family;
 use kd_model::{BertConfig, BertWeights};
 
+/// The family's folder in this checkout, or under `KD_REPO` (a packed test binary run from
+/// another copy of the repository, scripts/gpu_run.sh).
 fn folder(family: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets/families").join(family)
+    let repo = std::env::var_os("KD_REPO").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    repo.join("tests/assets/families").join(family)
 }
 
 struct Golden(BTreeMap<String, HostArray>);
