@@ -6,6 +6,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 use kd_kernels::Device;
 use kd_methods::batching::{Encoded, EncodedSet, Targets};
+use kd_methods::encode::encode_texts;
 use kd_methods::methods::ce::Ce;
 use kd_methods::methods::cr_ild::{self, CrIldConfig, Stage1Objective};
 use kd_methods::methods::ild::Ild;
@@ -17,7 +18,7 @@ use kd_methods::methods::peer_advised::{peer_advised, PeerAdvisedConfig};
 use kd_methods::methods::teacher::{check_compatible, CachedLogits};
 use kd_methods::noise::{inject_targets, NoiseModel};
 use kd_methods::pseudo::{self, PseudoLabels};
-use kd_methods::task::Labels;
+use kd_methods::task::{DataOptions, Labels};
 use kd_methods::trainer::{evaluate, TrainReport};
 use kd_model::bert::Bert;
 use kd_model::family::Family;
@@ -124,6 +125,11 @@ pub struct Args {
     /// peer-advised: the fraction of teacher labels kept.
     #[arg(long, default_value_t = 0.5)]
     keep: f64,
+    /// kd, ild and cr-ild: transfer text the teacher labels, mixed with the training rows (the
+    /// soft term alone on it): plain lines (a tab splits a pair), or a CSV/TSV/JSONL/Parquet
+    /// file read with the training data's text columns, its labels ignored.
+    #[arg(long, value_name = "FILE")]
+    unlabeled: Option<PathBuf>,
     /// Cache of teacher logits, keyed by teacher weights and data (default ~/.cache/kd/teacher-logits).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -134,8 +140,18 @@ pub struct Args {
 
 /// Fields of [`Args`] left out of the run's fingerprint: paths (their contents are hashed
 /// instead) and flags that do not change the result.
-const NOT_IN_FINGERPRINT: [&str; 9] =
-    ["teacher", "student", "student_config", "out", "cache_dir", "json", "generator", "labels_file", "supplementary"];
+const NOT_IN_FINGERPRINT: [&str; 10] = [
+    "teacher",
+    "student",
+    "student_config",
+    "out",
+    "cache_dir",
+    "json",
+    "generator",
+    "labels_file",
+    "supplementary",
+    "unlabeled",
+];
 
 impl Args {
     /// The checks of the method's settings that need no file: made before anything is loaded,
@@ -177,6 +193,7 @@ impl Args {
             ("--generator", &self.generator),
             ("--labels-file", &self.labels_file),
             ("--supplementary", &self.supplementary),
+            ("--unlabeled", &self.unlabeled),
         ];
         inputs.extend(given.into_iter().filter_map(|(flag, p)| Some((flag, p.as_deref()?))));
         inputs
@@ -256,10 +273,30 @@ pub fn run(args: Args) -> Result<()> {
         (Some(_), _) => bail!("--labels-file is an option of --method peer-advised"),
         (None, _) => None,
     };
+    let transfer = match (&args.unlabeled, method) {
+        (Some(path), Method::Kd | Method::Ild | Method::CrIld) => {
+            fingerprint.input("--unlabeled contents", hash_path(path)?);
+            Some(read_texts(&data, path, &tdir.tokenizer)?)
+        }
+        (Some(_), _) => bail!("--unlabeled is an option of --method kd, ild and cr-ild"),
+        (None, _) => None,
+    };
+    // What the teacher-signal stages train on: the training rows, then the transfer rows.
+    let with_transfer = transfer.map(|t| with_transfer_rows(train, t));
+    let kd_set = with_transfer.as_ref().unwrap_or(train);
+    if with_transfer.is_some() {
+        eprintln!(
+            "--unlabeled: {} training rows and {} transfer rows",
+            train.items.len(),
+            kd_set.items.len() - train.items.len()
+        );
+    }
     let supplementary = match (&args.supplementary, method) {
         (Some(path), Method::CrIld) => {
             fingerprint.input("--supplementary contents", hash_path(path)?);
-            Some(read_text_lines(path, &tdir.tokenizer, data.max_len)?)
+            // Stage 1 of cr-ild reads no labels: placeholders.
+            let items = read_texts(&data, path, &tdir.tokenizer)?;
+            Some(EncodedSet { targets: Targets::Classes(vec![0; items.len()]), items })
         }
         (Some(_), _) => bail!("--supplementary is an option of --method cr-ild"),
         (None, _) => None,
@@ -285,20 +322,21 @@ pub fn run(args: Args) -> Result<()> {
         CachedLogits::build_or_load(&teacher, set, 128, &cache_dir).context("computing the teacher's logits")
     };
 
+    let first_transfer_row = if with_transfer.is_some() { train.items.len() } else { usize::MAX };
     let report: TrainReport = match method {
         Method::Ce => session.train("ce", &mut student, train, dev, &mut Ce, &cfg("ce", epochs))?,
         Method::Kd => {
-            let mut cache = logits(train)?;
-            let mut objective = Kd { teacher: &mut cache, alpha: args.alpha, temperature: args.temperature };
-            session.train("kd", &mut student, train, dev, &mut objective, &cfg("kd", epochs))?
+            let mut cache = logits(kd_set)?;
+            let mut objective = Kd { first_transfer_row, ..Kd::new(&mut cache, args.alpha, args.temperature) };
+            session.train("kd", &mut student, kd_set, dev, &mut objective, &cfg("kd", epochs))?
         }
         Method::Ild => {
             let mut stage1 = Ild::new(&teacher, &student, args.last_layer, args.train.seed)?;
             let e1 = args.stage1_epochs.unwrap_or(epochs);
-            session.train("ild", &mut student, train, None, &mut stage1, &cfg("ild", e1))?;
-            let mut cache = logits(train)?;
-            let mut objective = Kd { teacher: &mut cache, alpha: args.alpha, temperature: args.temperature };
-            session.train("kd", &mut student, train, dev, &mut objective, &cfg("kd", epochs))?
+            session.train("ild", &mut student, kd_set, None, &mut stage1, &cfg("ild", e1))?;
+            let mut cache = logits(kd_set)?;
+            let mut objective = Kd { first_transfer_row, ..Kd::new(&mut cache, args.alpha, args.temperature) };
+            session.train("kd", &mut student, kd_set, dev, &mut objective, &cfg("kd", epochs))?
         }
         Method::NoisyRelabel => {
             let mut cache = logits(train)?;
@@ -340,14 +378,14 @@ pub fn run(args: Args) -> Result<()> {
         }
         Method::CrIld => {
             let objective: Stage1Objective = args.objective.parse()?;
-            let stage1_set = cr_ild::stage1_set(train, supplementary.as_ref());
+            let stage1_set = cr_ild::stage1_set(kd_set, supplementary.as_ref());
             let e1 = args.stage1_epochs.unwrap_or(epochs);
             let mut stage1 =
                 cr_ild::stage1(&teacher, &student, CrIldConfig { objective, ..CrIldConfig::new(e1, args.train.seed) })?;
             session.train("cr-ild", &mut student, &stage1_set, None, &mut stage1, &cfg("cr-ild", e1))?;
-            let mut cache = logits(train)?;
-            let mut stage2 = cr_ild::stage2(&mut cache);
-            session.train("kd", &mut student, train, dev, &mut stage2, &cfg("kd", epochs))?
+            let mut cache = logits(kd_set)?;
+            let mut stage2 = Kd { first_transfer_row, ..cr_ild::stage2(&mut cache) };
+            session.train("kd", &mut student, kd_set, dev, &mut stage2, &cfg("kd", epochs))?
         }
         Method::MateKd => {
             let mut generator = generator.take().context("mate-kd needs --generator DIR")?;
@@ -499,30 +537,22 @@ fn special_ids(tokenizer: &Tokenizer) -> Vec<u32> {
     ["[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect()
 }
 
-/// One text (or a tab-separated pair) a line, tokenized; targets are placeholders (stage 1 of
-/// cr-ild reads no labels).
-fn read_text_lines(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Result<EncodedSet> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut items: Vec<Encoded> = Vec::new();
-    for chunk in text.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().chunks(256) {
-        let pairs: Vec<(&str, Option<&str>)> = chunk
-            .iter()
-            .map(|l| match l.split_once('\t') {
-                Some((a, b)) => (a, Some(b)),
-                None => (*l, None),
-            })
-            .collect();
-        let batch =
-            tokenizer.encode_batch(&pairs, max_len).with_context(|| format!("tokenizing {}", path.display()))?;
-        for b in 0..batch.batch {
-            let row = b * batch.seq..(b + 1) * batch.seq;
-            let len = batch.mask[row.clone()].iter().filter(|&&m| m > 0.5).count();
-            let ids = batch.ids[row.clone()][..len].to_vec();
-            let type_ids = batch.type_ids[row][..len].to_vec();
-            items.push(Encoded { ids, type_ids });
-        }
+/// Unlabelled text (`--unlabeled`, `--supplementary`) tokenized as the training data.
+fn read_texts(data: &DataOptions, path: &Path, tokenizer: &Tokenizer) -> Result<Vec<Encoded>> {
+    let texts = data.source.load_texts(path, data.skip_bad_rows)?;
+    report_skipped(&texts);
+    Ok(encode_texts(&texts, tokenizer, data.max_len)?)
+}
+
+/// The training rows followed by the transfer rows, whose placeholder targets the KD objective
+/// weights to zero (`Kd::first_transfer_row`).
+fn with_transfer_rows(train: &EncodedSet, transfer: Vec<Encoded>) -> EncodedSet {
+    let mut set = train.clone();
+    let n = transfer.len();
+    set.items.extend(transfer);
+    match &mut set.targets {
+        Targets::Classes(c) => c.extend(std::iter::repeat_n(0, n)),
+        Targets::Scores(s) => s.extend(std::iter::repeat_n(0.0, n)),
     }
-    ensure!(!items.is_empty(), "{}: no text", path.display());
-    let targets = Targets::Classes(vec![0; items.len()]);
-    Ok(EncodedSet { items, targets })
+    set
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use kd_kernels::rng::Rng;
 use kd_methods::batching::Encoded;
-use kd_methods::data::{Dataset, Example, Label, Split};
+use kd_methods::data::{read_lines, Split};
 use kd_methods::encode::encode_texts;
 use kd_methods::methods::generator::{
     evaluate_mlm, generator_from_encoder, train_generator, GeneratorConfig, Masking, MlmScore,
@@ -166,18 +166,6 @@ fn bert_masking(tokenizer: &Tokenizer, tokenizer_file: &Path) -> Result<Masking>
     };
     let special = SPECIAL_TOKENS.iter().filter_map(|t| tokenizer.token_to_id(t));
     Ok(Masking::bert(mask, special.chain([tokenizer.pad_id()]).collect()))
-}
-
-/// The non-blank lines of a text file, as unlabelled examples.
-fn read_lines(path: &Path) -> Result<Dataset> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let examples = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(|l| Example { text_a: l.to_string(), text_b: None, label: Label::None })
-        .collect();
-    Ok(Dataset { examples, label_names: Vec::new(), source: path.to_path_buf(), skipped: Vec::new() })
 }
 
 /// A tenth of the texts (at least one) drawn with `seed` to evaluate on, the rest to train on;

@@ -125,6 +125,74 @@ fn every_method_distils_a_real_teacher() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--unlabeled`: the teacher labels extra text, which trains with the labelled rows (so an
+/// epoch has more steps); a method that cannot use it refuses the flag.
+#[test]
+fn unlabeled_text_extends_the_kd_epoch_and_other_methods_refuse_it() {
+    let dir = scratch("distill-unlabeled");
+    let Some((teacher, task)) = teacher(&dir) else { return };
+    // 64 sentences from further down SST-2's train file, as plain lines.
+    let glue = kd_kernels::assets::asset("data/glue/SST-2").unwrap();
+    let text = std::fs::read_to_string(glue.join("train.tsv")).unwrap();
+    let lines: Vec<&str> = text.lines().skip(1001).take(64).map(|l| l.split('\t').next().unwrap()).collect();
+    let extra = dir.join("extra.txt");
+    std::fs::write(&extra, lines.join("\n")).unwrap();
+    let out = dir.join("kd");
+    let run = kd(&[
+        "distill",
+        "--method",
+        "kd",
+        "--teacher",
+        s(&teacher),
+        "--student-layers",
+        "0",
+        "--task",
+        "sst2",
+        "--data",
+        s(&task),
+        "--unlabeled",
+        s(&extra),
+        "--out",
+        s(&out),
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--max-len",
+        "32",
+        "--log-every",
+        "1",
+        "--json",
+        "--cache-dir",
+        s(&dir.join("cache")),
+    ]);
+    let err = stderr(&ok(run));
+    assert!(err.contains("96 training rows and 64 transfer rows"), "{err}");
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps =
+        log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).max().unwrap();
+    assert_eq!(steps, 10, "(96 + 64) / 16 steps:\n{log}");
+    let refused = kd(&[
+        "distill",
+        "--method",
+        "ce",
+        "--teacher",
+        s(&teacher),
+        "--student-layers",
+        "0",
+        "--task",
+        "sst2",
+        "--data",
+        s(&task),
+        "--unlabeled",
+        s(&extra),
+        "--out",
+        s(&dir.join("ce")),
+    ]);
+    fails_with(refused, &["--unlabeled", "kd"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn an_interrupted_run_resumes_to_the_same_student() {
     let dir = scratch("distill-resume");

@@ -601,3 +601,27 @@ impl FromStr for GlueTask {
 pub fn load_glue(task: GlueTask, dir: &Path, split: Split, skip_bad_rows: bool) -> Result<Dataset> {
     load_table(&dir.join(task.file_name(split)), &task.table_spec(split, skip_bad_rows))
 }
+
+/// A plain text file as unlabelled examples: one text a line, a tab splitting a sentence pair;
+/// blank lines are passed over. Invalid UTF-8 names its line.
+pub fn read_lines(path: &Path) -> Result<Dataset> {
+    let bytes = std::fs::read(path).map_err(|e| Error::File { path: path.to_path_buf(), detail: e.to_string() })?;
+    let mut examples = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = std::str::from_utf8(line.strip_suffix(b"\r").unwrap_or(line)).map_err(|e| Error::BadRow {
+            path: path.to_path_buf(),
+            line: i + 1,
+            detail: format!("invalid UTF-8: {e}"),
+        })?;
+        let line = line.strip_prefix('\u{feff}').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (text_a, text_b) = match line.split_once('\t') {
+            Some((a, b)) => (a.to_string(), Some(b.to_string())),
+            None => (line.trim().to_string(), None),
+        };
+        examples.push(Example { text_a, text_b, label: Label::None });
+    }
+    Ok(Dataset { examples, label_names: Vec::new(), source: path.to_path_buf(), skipped: Vec::new() })
+}

@@ -192,7 +192,7 @@ pub fn run(cfg: &DemoConfig, observer: &mut dyn FnMut(&str, Event)) -> Result<Ve
     labels.extend(&teacher_labels[few.items.len()..]);
     let kc = train_config(3, 2e-3, cfg.seed + 1);
     let mut kd_student = fresh(config(32, 1, 2)?, cfg.seed + 1, &cfg.device)?;
-    let mut objective = Kd { teacher: &mut cache, alpha: 1.0, temperature: 2.0 };
+    let mut objective = Kd::new(&mut cache, 1.0, 2.0);
     train(&mut kd_student, &kd_set, None, &mut objective, &kc, &mut |e| observer("student kd", e))?;
     let seconds = started.elapsed().as_secs_f64();
     record(

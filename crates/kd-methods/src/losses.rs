@@ -314,13 +314,19 @@ pub fn label_loss(
     }
 }
 
-/// Regression distillation: `weight * mean_i (z_s,i - z_t,i)^2`.
-pub fn logit_mse(grads: &mut OutputGrads, student: &Activations, teacher_logits: &Tensor, weight: f32) -> Result<f32> {
+/// Regression distillation: `weight * mean_i w_i (z_s,i - z_t,i)^2`.
+pub fn logit_mse(
+    grads: &mut OutputGrads,
+    student: &Activations,
+    teacher_logits: &Tensor,
+    example_weights: Option<&Tensor>,
+    weight: f32,
+) -> Result<f32> {
     let pred = logits_of(student, "student")?;
     let b = pred.shape()[0];
     let target = teacher_logits.try_clone()?.reshape(&[b])?;
     let mut rows = Tensor::zeros(&[b], &pred.device())?;
     let scale = weight / b as f32;
-    ce_ops::mse_loss(&mut rows, Some(dlogits(grads)?), pred, &target, None, scale)?;
+    ce_ops::mse_loss(&mut rows, Some(dlogits(grads)?), pred, &target, example_weights, scale)?;
     Ok(sum(&rows)? * scale)
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use kd_model::Tokenizer;
 
 use crate::batching::{Encoded, EncodedSet};
-use crate::data::{load_table, Column, Dataset, Format, GlueTask, LabelKind, Split, TableSpec};
+use crate::data::{load_table, read_lines, Column, Dataset, Format, GlueTask, LabelKind, Split, TableSpec};
 use crate::encode::{encode_dataset, encode_texts};
 use crate::metrics::MetricKind;
 use crate::{Error, Result};
@@ -107,6 +107,36 @@ impl DataSource {
             }
             DataSource::Files(f) => f.load(split, labels, skip_bad_rows, allow_new_labels),
         }
+    }
+
+    /// Unlabelled text for distillation or the generator: a table (`.csv`, `.tsv`, `.jsonl`,
+    /// `.parquet`) read with the training data's text columns, its labels not read; any other
+    /// file is plain text, one text a line (a tab splits a pair). An empty file is an error.
+    pub fn load_texts(&self, path: &Path, skip_bad_rows: bool) -> Result<Dataset> {
+        let data = match Format::from_path(path) {
+            Err(_) => read_lines(path)?,
+            Ok(format) => {
+                let mut spec = match self {
+                    DataSource::Glue { task, .. } => task.table_spec(Split::Train, skip_bad_rows),
+                    DataSource::Files(f) => TableSpec {
+                        format,
+                        has_header: f.has_header,
+                        text: f.text.clone(),
+                        text_pair: f.text_pair.clone(),
+                        label: None,
+                        label_kind: LabelKind::Classes { names: None },
+                        skip_bad_rows,
+                        allow_new_labels: false,
+                    },
+                };
+                (spec.format, spec.label) = (format, None);
+                load_table(path, &spec)?
+            }
+        };
+        if data.is_empty() {
+            return Err(Error::File { path: path.to_path_buf(), detail: "no text".into() });
+        }
+        Ok(data)
     }
 }
 

@@ -208,3 +208,43 @@ fn glue_train_cut_is_seeded_and_dev_is_whole() {
     let err = opts.labelled(Split::Test, Labels::FromData, &tok).unwrap_err().to_string();
     assert!(err.contains("example 1 has no label"), "{err}");
 }
+
+#[test]
+fn transfer_text_is_plain_lines_or_a_table_in_the_training_layout() {
+    let dir = scratch("transfer-text");
+    // Plain text: a line a text, a tab splits a pair, blank lines passed over, CRLF and BOM kept out.
+    let plain = dir.join("extra.txt");
+    std::fs::write(&plain, "\u{feff}a good film\r\n\n  \nfirst half\tsecond half\n").unwrap();
+    let glue = DataSource::Glue { task: GlueTask::Sst2, dir: dir.clone() };
+    let texts = glue.load_texts(&plain, false).unwrap();
+    assert_eq!(
+        texts.examples,
+        vec![ex("a good film", None, Label::None), ex("first half", Some("second half"), Label::None)]
+    );
+    // A GLUE-layout TSV: the task's text column by header; the label column, if any, is not read
+    // (so a label the task does not know is no error).
+    let tsv = dir.join("extra.tsv");
+    std::fs::write(&tsv, "sentence\tlabel\nfine acting\t7\nsecond row\t\n").unwrap();
+    let texts = glue.load_texts(&tsv, false).unwrap();
+    assert_eq!(texts.examples, vec![ex("fine acting", None, Label::None), ex("second row", None, Label::None)]);
+    // Generic files: the training data's own text columns.
+    let source = DataSource::Files(files(&dir, "q\tr\tlabel\nx\ty\t1\n", None));
+    let jsonl = dir.join("extra.jsonl");
+    std::fs::write(&jsonl, "{\"q\": \"one\", \"r\": \"two\"}\n").unwrap();
+    let mut f = files(&dir, "q\tr\tlabel\nx\ty\t1\n", None);
+    (f.text, f.text_pair) = (Column::Name("q".into()), Some(Column::Name("r".into())));
+    let texts = DataSource::Files(f).load_texts(&jsonl, false).unwrap();
+    assert_eq!(texts.examples, vec![ex("one", Some("two"), Label::None)]);
+    // A table without the text column, an empty file and invalid UTF-8 are errors naming the file.
+    let err = source.load_texts(&jsonl, false).unwrap_err().to_string();
+    assert!(err.contains("extra.jsonl"), "{err}");
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "\n \n").unwrap();
+    let err = glue.load_texts(&empty, false).unwrap_err().to_string();
+    assert!(err.contains("empty.txt") && err.contains("no text"), "{err}");
+    let bad = dir.join("bad.txt");
+    std::fs::write(&bad, b"ok\n\xff\xfe\n").unwrap();
+    let err = glue.load_texts(&bad, false).unwrap_err().to_string();
+    assert!(err.contains("bad.txt") && err.contains('2'), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -297,7 +297,7 @@ pub fn stage1<'t>(teacher: &'t Bert, student: &Bert, cfg: CrIldConfig) -> Result
 
 /// Stage 2: logit KD at T = 2, soft term only (the official `--mode KD`).
 pub fn stage2(teacher: &mut dyn TeacherLogits) -> Kd<'_> {
-    Kd { teacher, alpha: 1.0, temperature: STAGE2_TEMPERATURE }
+    Kd::new(teacher, 1.0, STAGE2_TEMPERATURE)
 }
 
 /// Stage 1's training set: the task's examples, then the supplementary unlabelled ones. Stage

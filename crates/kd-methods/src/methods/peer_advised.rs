@@ -169,7 +169,7 @@ fn fit_labels(
             // softmax(ln p) = p, so log-probabilities stand in for the teacher's logits.
             let log_p = rows.iter().map(|&i| p[i].iter().map(|&q| q.max(1e-12).ln()).collect()).collect();
             let mut teacher = CachedLogits::from_rows(log_p);
-            let mut kd = Kd { teacher: &mut teacher, alpha: 1.0, temperature: 1.0 };
+            let mut kd = Kd::new(&mut teacher, 1.0, 1.0);
             train(student, &set, dev, &mut kd, cfg, observer)
         }
     }
