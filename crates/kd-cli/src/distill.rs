@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 use kd_kernels::Device;
+use kd_methods::augment::{Augmenter, TokenKind};
 use kd_methods::batching::{Encoded, EncodedSet, Targets};
 use kd_methods::encode::encode_texts;
 use kd_methods::methods::ce::Ce;
@@ -130,6 +131,10 @@ pub struct Args {
     /// file read with the training data's text columns, its labels ignored.
     #[arg(long, value_name = "FILE")]
     unlabeled: Option<PathBuf>,
+    /// kd, ild and cr-ild: N copies of each training row with words replaced by --generator's
+    /// guesses (TinyBERT's augmentation, p = 0.4, K = 15), trained on as transfer rows.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    augment: Option<u32>,
     /// Cache of teacher logits, keyed by teacher weights and data (default ~/.cache/kd/teacher-logits).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -273,23 +278,53 @@ pub fn run(args: Args) -> Result<()> {
         (Some(_), _) => bail!("--labels-file is an option of --method peer-advised"),
         (None, _) => None,
     };
-    let transfer = match (&args.unlabeled, method) {
-        (Some(path), Method::Kd | Method::Ild | Method::CrIld) => {
-            fingerprint.input("--unlabeled contents", hash_path(path)?);
-            Some(read_texts(&data, path, &tdir.tokenizer)?)
+    // The generator feeds mate-kd, and --augment for the methods that take transfer rows.
+    let takes_transfer = matches!(method, Method::Kd | Method::Ild | Method::CrIld);
+    let wants_generator = method == Method::MateKd || (args.augment.is_some() && takes_transfer);
+    let mut generator = match &args.generator {
+        Some(gdir) if wants_generator => {
+            let gdir = ModelDir::open(gdir)?;
+            same_vocabulary(&tdir, &gdir, "generator")?;
+            let generator = Bert::new(gdir.config.clone(), gdir.weights(&device)?);
+            fingerprint.input("generator weights", hash_model(&generator)?);
+            Some(generator)
         }
-        (Some(_), _) => bail!("--unlabeled is an option of --method kd, ild and cr-ild"),
-        (None, _) => None,
+        Some(_) => bail!("--generator is an option of --method mate-kd, and of kd, ild and cr-ild with --augment"),
+        None => None,
     };
+    let mut transfer: Vec<Encoded> = Vec::new();
+    match &args.unlabeled {
+        Some(path) if takes_transfer => {
+            fingerprint.input("--unlabeled contents", hash_path(path)?);
+            transfer.extend(read_texts(&data, path, &tdir.tokenizer)?);
+        }
+        Some(_) => bail!("--unlabeled is an option of --method kd, ild and cr-ild"),
+        None => {}
+    }
+    match (args.augment, &generator) {
+        (Some(copies), Some(generator)) if takes_transfer => {
+            let augmenter = Augmenter {
+                generator,
+                mask_id: token(&tdir.tokenizer, "[MASK]")?,
+                kinds: token_kinds(&tdir.tokenizer, generator.config.vocab_size),
+                prob: AUGMENT_PROB,
+                top_k: AUGMENT_TOP_K,
+            };
+            let copies = augmenter.augment(&train.items, copies as usize, args.train.seed, args.train.batch)?;
+            eprintln!("--augment: {} copies of the training rows", copies.len());
+            transfer.extend(copies);
+        }
+        (Some(_), None) if takes_transfer => {
+            bail!("--augment needs --generator DIR (a BertForMaskedLM: see kd-cli train-generator)")
+        }
+        (Some(_), _) => bail!("--augment is an option of --method kd, ild and cr-ild"),
+        (None, _) => {}
+    }
     // What the teacher-signal stages train on: the training rows, then the transfer rows.
-    let with_transfer = transfer.map(|t| with_transfer_rows(train, t));
+    let with_transfer = (!transfer.is_empty()).then(|| with_transfer_rows(train, transfer));
     let kd_set = with_transfer.as_ref().unwrap_or(train);
     if with_transfer.is_some() {
-        eprintln!(
-            "--unlabeled: {} training rows and {} transfer rows",
-            train.items.len(),
-            kd_set.items.len() - train.items.len()
-        );
+        eprintln!("{} training rows and {} transfer rows", train.items.len(), kd_set.items.len() - train.items.len());
     }
     let supplementary = match (&args.supplementary, method) {
         (Some(path), Method::CrIld) => {
@@ -299,17 +334,6 @@ pub fn run(args: Args) -> Result<()> {
             Some(EncodedSet { targets: Targets::Classes(vec![0; items.len()]), items })
         }
         (Some(_), _) => bail!("--supplementary is an option of --method cr-ild"),
-        (None, _) => None,
-    };
-    let mut generator = match (&args.generator, method) {
-        (Some(gdir), Method::MateKd) => {
-            let gdir = ModelDir::open(gdir)?;
-            same_vocabulary(&tdir, &gdir, "generator")?;
-            let generator = Bert::new(gdir.config.clone(), gdir.weights(&device)?);
-            fingerprint.input("generator weights", hash_model(&generator)?);
-            Some(generator)
-        }
-        (Some(_), _) => bail!("--generator is an option of --method mate-kd"),
         (None, _) => None,
     };
     let mut session =
@@ -527,6 +551,23 @@ fn same_family(teacher: &BertConfig, student: &BertConfig, source: &Path) -> Res
         t.class_prefix()
     );
     Ok(())
+}
+
+/// TinyBERT's replacement probability and candidate count (its `p` and `M`).
+const AUGMENT_PROB: f64 = 0.4;
+const AUGMENT_TOP_K: usize = 15;
+
+/// Each vocabulary id's kind: specials (and bracketed `[unused]` slots), `##` pieces, words.
+fn token_kinds(tokenizer: &Tokenizer, vocab: usize) -> Vec<TokenKind> {
+    let special = tokenizer.special_ids();
+    (0..vocab as u32)
+        .map(|id| match tokenizer.id_to_token(id) {
+            _ if special.contains(&id) => TokenKind::Special,
+            Some(t) if t.starts_with("##") => TokenKind::Piece,
+            Some(t) if !(t.starts_with('[') && t.ends_with(']')) => TokenKind::Word,
+            _ => TokenKind::Special,
+        })
+        .collect()
 }
 
 fn token(tokenizer: &Tokenizer, name: &str) -> Result<u32> {

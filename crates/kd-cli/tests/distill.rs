@@ -125,11 +125,18 @@ fn every_method_distils_a_real_teacher() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `--unlabeled`: the teacher labels extra text, which trains with the labelled rows (so an
-/// epoch has more steps); a method that cannot use it refuses the flag.
+/// The largest step in a run's metrics.jsonl.
+fn last_step(out: &Path) -> u64 {
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).max().unwrap()
+}
+
+/// Transfer rows: `--unlabeled` text and `--augment` copies, which the teacher labels and which
+/// train with the labelled rows (so an epoch has more steps); methods that cannot use them, and
+/// --augment without a generator, are refused.
 #[test]
-fn unlabeled_text_extends_the_kd_epoch_and_other_methods_refuse_it() {
-    let dir = scratch("distill-unlabeled");
+fn unlabeled_text_and_augmented_copies_extend_the_kd_epoch() {
+    let dir = scratch("distill-transfer");
     let Some((teacher, task)) = teacher(&dir) else { return };
     // 64 sentences from further down SST-2's train file, as plain lines.
     let glue = kd_kernels::assets::asset("data/glue/SST-2").unwrap();
@@ -137,59 +144,57 @@ fn unlabeled_text_extends_the_kd_epoch_and_other_methods_refuse_it() {
     let lines: Vec<&str> = text.lines().skip(1001).take(64).map(|l| l.split('\t').next().unwrap()).collect();
     let extra = dir.join("extra.txt");
     std::fs::write(&extra, lines.join("\n")).unwrap();
-    let out = dir.join("kd");
-    let run = kd(&[
-        "distill",
-        "--method",
-        "kd",
-        "--teacher",
-        s(&teacher),
-        "--student-layers",
-        "0",
-        "--task",
-        "sst2",
-        "--data",
-        s(&task),
-        "--unlabeled",
-        s(&extra),
-        "--out",
-        s(&out),
-        "--epochs",
-        "1",
-        "--batch",
-        "16",
-        "--max-len",
-        "32",
-        "--log-every",
-        "1",
-        "--json",
-        "--cache-dir",
-        s(&dir.join("cache")),
-    ]);
-    let err = stderr(&ok(run));
+    let (model, _) = sst2(&dir, 96, 32).unwrap();
+    let generator = dir.join("generator");
+    ok(kd(&["train-generator", "--model", s(&model), "--text", s(&extra), "--out", s(&generator), "--epochs", "1"]));
+    let cache = dir.join("cache");
+    let run = |method: &str, out: &Path, transfer: &[&str]| {
+        let mut args = vec![
+            "distill",
+            "--method",
+            method,
+            "--teacher",
+            s(&teacher),
+            "--student-layers",
+            "0",
+            "--task",
+            "sst2",
+            "--data",
+            s(&task),
+            "--out",
+            s(out),
+            "--epochs",
+            "1",
+            "--batch",
+            "16",
+            "--max-len",
+            "32",
+            "--log-every",
+            "1",
+            "--json",
+            "--cache-dir",
+            s(&cache),
+        ];
+        args.extend_from_slice(transfer);
+        kd(&args)
+    };
+
+    let out = dir.join("unlabeled");
+    let err = stderr(&ok(run("kd", &out, &["--unlabeled", s(&extra)])));
     assert!(err.contains("96 training rows and 64 transfer rows"), "{err}");
-    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let steps =
-        log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).max().unwrap();
-    assert_eq!(steps, 10, "(96 + 64) / 16 steps:\n{log}");
-    let refused = kd(&[
-        "distill",
-        "--method",
-        "ce",
-        "--teacher",
-        s(&teacher),
-        "--student-layers",
-        "0",
-        "--task",
-        "sst2",
-        "--data",
-        s(&task),
-        "--unlabeled",
-        s(&extra),
-        "--out",
-        s(&dir.join("ce")),
-    ]);
-    fails_with(refused, &["--unlabeled", "kd"]);
+    assert_eq!(last_step(&out), 10, "(96 + 64) / 16 steps");
+
+    let out = dir.join("augment");
+    let err = stderr(&ok(run("kd", &out, &["--augment", "2", "--generator", s(&generator)])));
+    assert!(err.contains("192 copies") && err.contains("96 training rows and 192 transfer rows"), "{err}");
+    assert_eq!(last_step(&out), 18, "(96 + 2 * 96) / 16 steps");
+
+    fails_with(run("ce", &dir.join("ce"), &["--unlabeled", s(&extra)]), &["--unlabeled", "kd"]);
+    fails_with(run("kd", &dir.join("nogen"), &["--augment", "2"]), &["--augment", "--generator"]);
+    fails_with(run("kd", &dir.join("gen"), &["--generator", s(&generator)]), &["--generator", "--augment"]);
+    // clap refuses 0 copies before anything runs.
+    let zero = run("kd", &dir.join("zero"), &["--augment", "0", "--generator", s(&generator)]);
+    assert!(!zero.status.success() && stderr(&zero).contains("'--augment <N>'"), "{}", stderr(&zero));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

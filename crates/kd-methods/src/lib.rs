@@ -1,4 +1,5 @@
 //! kd-methods: data, metrics, losses, the trainer, one file per KD method, and the benchmark step.
+pub mod augment;
 pub mod batching;
 pub mod bench;
 pub mod checkpoint;
