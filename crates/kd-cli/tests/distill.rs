@@ -230,3 +230,109 @@ fn the_demo_shows_distillation_beating_the_labels_alone() {
     assert!(teacher > 0.75, "teacher {teacher}");
     assert!(kd > ce + 0.03, "kd {kd} should beat ce {ce}");
 }
+
+/// The flag checks come before any file is read: no model or data is needed, and the teacher
+/// folder does not exist.
+fn flags_only(extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "distill",
+        "--teacher",
+        "/nonexistent/kd-teacher",
+        "--student-layers",
+        "0",
+        "--task",
+        "sst2",
+        "--data",
+        "/nonexistent/kd-data",
+        "--out",
+        "/nonexistent/kd-out",
+    ];
+    args.extend_from_slice(extra);
+    kd(&args)
+}
+
+#[test]
+fn a_flag_the_method_does_not_read_is_an_error() {
+    // (method and its own flags, a flag of another method, the methods that read it)
+    let cases: [(&[&str], &[&str], &str); 8] = [
+        (&["ce"], &["--alpha", "0.5"], "kd, ild, noisy-coteach, noisy-relabel"),
+        (&["kd"], &["--last-layer"], "ild"),
+        (&["ild", "--last-layer"], &["--keep", "0.3"], "peer-advised"),
+        (&["noisy-coteach"], &["--trust-threshold", "0.5"], "noisy-relabel"),
+        (&["noisy-relabel"], &["--noise-rate", "0.2"], "noisy-coteach"),
+        (&["cr-ild"], &["--divergence", "kl"], "mate-kd"),
+        (&["mate-kd", "--generator", "/nonexistent/g"], &["--temperature", "3"], "kd, ild"),
+        (&["peer-advised"], &["--stage1-epochs", "2"], "ild, cr-ild"),
+    ];
+    for (method, flag, readers) in cases {
+        let mut args = vec!["--method"];
+        args.extend_from_slice(method);
+        args.extend_from_slice(flag);
+        let not_option = format!("{} is not an option of --method {}", flag[0], method[0]);
+        fails_with(flags_only(&args), &[&not_option, &format!("(it is read by {readers}")]);
+    }
+    // A switch is given only when on; the demo takes no method flag.
+    fails_with(kd(&["distill", "--last-layer"]), &["--last-layer is an option of a --method run"]);
+}
+
+#[test]
+fn valid_method_flags_pass_validation() {
+    let cases: [&[&str]; 8] = [
+        &["ce", "--label-noise", "0.1", "--noise-seed", "3"],
+        &["kd", "--alpha", "0.7", "--temperature", "4"],
+        &["ild", "--last-layer", "--stage1-epochs", "2", "--alpha", "1"],
+        &["noisy-coteach", "--noise-rate", "0.2", "--alpha", "0.5"],
+        &["noisy-relabel", "--trust-threshold", "0.4", "--temperature", "1"],
+        &["cr-ild", "--objective", "qkv", "--w-ic", "0", "--stage1-epochs", "1", "--supplementary", "/nonexistent/s"],
+        &[
+            "mate-kd",
+            "--generator",
+            "/nonexistent/g",
+            "--divergence",
+            "kl",
+            "--generator-steps",
+            "2",
+            "--student-steps",
+            "3",
+            "--mask-rate",
+            "1",
+            "--generator-lr",
+            "1e-5",
+        ],
+        &["peer-advised", "--keep", "0.3", "--gold-subset", "4", "--labels-file", "/nonexistent/l"],
+    ];
+    for method in cases {
+        let mut args = vec!["--method"];
+        args.extend_from_slice(method);
+        // Past every flag check, the run stops at the first file it reads: the teacher.
+        fails_with(flags_only(&args), &["/nonexistent/kd-teacher does not exist"]);
+    }
+}
+
+#[test]
+fn method_flags_out_of_range_are_one_line_errors() {
+    let g = ["--method", "mate-kd", "--generator", "/nonexistent/g"];
+    fn with<'a>(g: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [g, extra].concat()
+    }
+    fails_with(flags_only(&with(&g, &["--generator-steps", "0"])), &["--generator-steps must be at least 1"]);
+    fails_with(flags_only(&with(&g, &["--student-steps", "0"])), &["--student-steps must be at least 1"]);
+    fails_with(flags_only(&with(&g, &["--mask-rate", "0"])), &["--mask-rate 0 is not a rate in (0, 1]"]);
+    fails_with(flags_only(&with(&g, &["--mask-rate", "1.5"])), &["--mask-rate 1.5"]);
+    fails_with(flags_only(&with(&g, &["--generator-lr", "0"])), &["--generator-lr 0 is not a positive number"]);
+    fails_with(flags_only(&["--method", "cr-ild", "--w-ic=-1"]), &["--w-ic -1"]);
+    fails_with(flags_only(&["--method", "ild", "--stage1-epochs", "0"]), &["--stage1-epochs must be at least 1"]);
+    fails_with(flags_only(&["--method", "kd", "--alpha", "1.5"]), &["--alpha 1.5 is not in [0, 1]"]);
+    fails_with(flags_only(&["--method", "peer-advised", "--keep", "1"]), &["--keep 1 is not a fraction"]);
+}
+
+#[test]
+fn objective_and_divergence_take_only_their_values() {
+    for (flag, bad, values) in [("--objective", "ah2", "ah, qkv"), ("--divergence", "js", "ce, kl")] {
+        let out = flags_only(&["--method", "kd", flag, bad]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "clap's usage error expected:\n{err}");
+        assert!(err.contains(&format!("invalid value '{bad}' for '{flag}")), "{err}");
+        assert!(err.contains(&format!("[possible values: {values}]")), "{err}");
+    }
+}
