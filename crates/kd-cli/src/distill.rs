@@ -7,7 +7,7 @@ use clap::ValueEnum;
 use kd_kernels::Device;
 use kd_methods::batching::{Encoded, EncodedSet, Targets};
 use kd_methods::methods::ce::Ce;
-use kd_methods::methods::cr_ild::{self, CrIldConfig, Stage1Objective};
+use kd_methods::methods::cr_ild::{self, CrIldConfig};
 use kd_methods::methods::ild::Ild;
 use kd_methods::methods::kd::Kd;
 use kd_methods::methods::mate_kd::{self, MateKdConfig};
@@ -48,7 +48,7 @@ pub enum Method {
     CrIld,
     /// MATE-KD (Rashid et al. 2021): an MLM generator perturbs text to maximise divergence.
     MateKd,
-    /// Peer-advised KD (Zhao 2023): probe, keep the converged half, peer relabels the rest.
+    /// Peer-advised KD (Zhao 2023): probe, keep the converged half of each class, peer relabels the rest.
     PeerAdvised,
 }
 
@@ -115,6 +115,14 @@ impl Args {
             "mate-kd needs --generator DIR (see kd-cli train-generator)"
         );
         Ok(())
+    }
+
+    /// cr-ild's stage 1: its consistency ramp runs over the stage-1 epochs (--stage1-epochs,
+    /// default --epochs), the epochs that stage trains.
+    fn cr_ild_config(&self) -> CrIldConfig {
+        let e1 = self.methods.ild.stage1_epochs.unwrap_or(self.train.epochs);
+        let c = &self.methods.cr_ild;
+        CrIldConfig { objective: c.objective().into(), w_ic: c.w_ic(), ..CrIldConfig::new(e1, self.train.seed) }
     }
 
     /// The run's flags in its fingerprint (after [`MethodArgs::fill_defaults`]).
@@ -258,7 +266,6 @@ pub fn run(mut args: Args) -> Result<()> {
             session.train("noisy-relabel", &mut student, train, dev, &mut objective, &cfg("noisy-relabel", epochs))?
         }
         Method::NoisyCoteach => {
-            let dev = dev.context("noisy-coteach keeps the student that is better on dev: it needs a dev set")?;
             let mut cache = logits(train)?;
             let r_est = match args.methods.noisy.noise_rate {
                 Some(r) => r,
@@ -274,30 +281,34 @@ pub fn run(mut args: Args) -> Result<()> {
             };
             let stage_cfg = cfg("noisy-coteach", epochs);
             let mut objective = CoTeach::new(&mut cache, peer, params, &stage_cfg, train.items.len())?;
-            let report = session.train("noisy-coteach", &mut student, train, Some(dev), &mut objective, &stage_cfg)?;
-            let kept = keep_better(student, objective.into_peer(), dev, args.train.batch, metric)?;
-            eprintln!(
-                "noisy-coteach: kept student {:?} (dev {:.4} vs {:.4})",
-                kept.which,
-                kept.dev_a.main(),
-                kept.dev_b.main()
-            );
-            student = kept.model;
-            TrainReport { final_metrics: Some(evaluate(&student, dev, args.train.batch, metric)?), ..report }
+            let report = session.train("noisy-coteach", &mut student, train, dev, &mut objective, &stage_cfg)?;
+            // Student A, unless --keep-better asks for the better of the two on dev.
+            if !args.methods.noisy.keep_better {
+                report
+            } else {
+                let dev = dev.context("--keep-better picks the student that is better on dev: it needs a dev set")?;
+                let kept = keep_better(student, objective.into_peer(), dev, args.train.batch, metric)?;
+                eprintln!(
+                    "noisy-coteach: kept student {:?} (dev {:.4} vs {:.4})",
+                    kept.which,
+                    kept.dev_a.main(),
+                    kept.dev_b.main()
+                );
+                student = kept.model;
+                TrainReport { final_metrics: Some(evaluate(&student, dev, args.train.batch, metric)?), ..report }
+            }
         }
         Method::CrIld => {
-            let objective: Stage1Objective = args.methods.cr_ild.objective().into();
             let stage1_set = cr_ild::stage1_set(train, supplementary.as_ref());
-            let e1 = args.methods.ild.stage1_epochs.unwrap_or(epochs);
-            let mut stage1 = cr_ild::stage1(
-                &teacher,
-                &student,
-                CrIldConfig { objective, w_ic: args.methods.cr_ild.w_ic(), ..CrIldConfig::new(e1, args.train.seed) },
-            )?;
+            let cr_cfg = args.cr_ild_config();
+            let e1 = cr_cfg.epochs;
+            let mut stage1 = cr_ild::stage1(&teacher, &student, cr_cfg)?;
             session.train("cr-ild", &mut student, &stage1_set, None, &mut stage1, &cfg("cr-ild", e1))?;
+            // Stage 2 is ild's (and kd's): --alpha and --temperature.
             let mut cache = logits(train)?;
-            let mut stage2 = cr_ild::stage2(&mut cache);
-            session.train("kd", &mut student, train, dev, &mut stage2, &cfg("kd", epochs))?
+            let mut objective =
+                Kd { teacher: &mut cache, alpha: args.methods.kd.alpha(), temperature: args.methods.kd.temperature() };
+            session.train("kd", &mut student, train, dev, &mut objective, &cfg("kd", epochs))?
         }
         Method::MateKd => {
             let mut generator = generator.take().context("mate-kd needs --generator DIR")?;
@@ -494,13 +505,30 @@ mod tests {
     }
 
     fn fingerprint(line: &[&str]) -> Fingerprint {
-        let mut args = Cli::try_parse_from([&["distill"], line].concat()).unwrap().args;
+        let mut args = parse(line);
         args.methods.fill_defaults();
         args.fingerprint().unwrap()
     }
 
     fn same(a: &Fingerprint, b: &Fingerprint) -> Result<()> {
         a.check_resumes(b, Path::new("run.json"))
+    }
+
+    fn parse(line: &[&str]) -> Args {
+        Cli::try_parse_from([&["distill"], line].concat()).unwrap().args
+    }
+
+    /// cr-ild's consistency ramp runs over the stage-1 epochs, not --epochs.
+    #[test]
+    fn cr_ild_ramps_over_the_stage1_epochs() {
+        use kd_methods::methods::cr_ild::consistency_weight;
+        let cfg =
+            parse(&["--method", "cr-ild", "--epochs", "5", "--stage1-epochs", "3", "--w-ic", "0.2"]).cr_ild_config();
+        assert_eq!((cfg.epochs, cfg.w_ic), (3, 0.2));
+        // The last stage-1 epoch (2 of 0..3) reaches 2/3 of w_ic (2/5 if it ramped over --epochs).
+        assert_eq!(consistency_weight(cfg.w_ic, 2, cfg.epochs), 0.2 * 2.0 / 3.0);
+        let cfg = parse(&["--method", "cr-ild", "--epochs", "4"]).cr_ild_config();
+        assert_eq!((cfg.epochs, cfg.w_ic), (4, 0.1));
     }
 
     /// A default given explicitly resumes a run that left it out; a changed method flag does

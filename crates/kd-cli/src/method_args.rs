@@ -55,9 +55,10 @@ impl From<Divergence> for KlForm {
     }
 }
 
-/// The logit-KD loss `(1-a)·CE + a·T²·KL`.
+/// The logit-KD loss `(1-a)·CE + a·T²·KL`: kd's, ild's and cr-ild's stage 2 (one loss with one
+/// default, so that ild − kd and cr-ild − kd measure stage 1 alone), and the noisy methods'.
 #[derive(clap::Args, Debug, Default, serde::Serialize)]
-#[command(next_help_heading = "KD loss (kd, ild, noisy-coteach, noisy-relabel)")]
+#[command(next_help_heading = "KD loss (kd; ild's and cr-ild's stage 2; noisy-coteach, noisy-relabel)")]
 pub struct KdArgs {
     /// Share a of the soft (teacher) term, in [0, 1] [default: 0.5].
     #[arg(long, value_name = "A")]
@@ -183,6 +184,11 @@ pub struct NoisyArgs {
     /// [0, 1] [default: none].
     #[arg(long, value_name = "P")]
     pub trust_threshold: Option<f32>,
+    /// noisy-coteach: return whichever of the two students is better on dev (needs a dev set).
+    /// Off by default: the selection looks at dev and picks the best of two trained models, an
+    /// advantage no other method gets, so it is unfair in a comparison of methods.
+    #[arg(long)]
+    pub keep_better: bool,
 }
 
 /// Peer-advised KD (Zhao 2023).
@@ -237,9 +243,9 @@ use Method::*;
 
 /// Which methods read each flag of [`MethodArgs`] (by field name). A test checks that every
 /// field is listed.
-const READERS: [(&str, &[Method]); 18] = [
-    ("alpha", &[Kd, Ild, NoisyCoteach, NoisyRelabel]),
-    ("temperature", &[Kd, Ild, NoisyCoteach, NoisyRelabel]),
+const READERS: [(&str, &[Method]); 19] = [
+    ("alpha", &[Kd, Ild, CrIld, NoisyCoteach, NoisyRelabel]),
+    ("temperature", &[Kd, Ild, CrIld, NoisyCoteach, NoisyRelabel]),
     ("last_layer", &[Ild]),
     ("stage1_epochs", &[Ild, CrIld]),
     ("objective", &[CrIld]),
@@ -252,6 +258,7 @@ const READERS: [(&str, &[Method]); 18] = [
     ("mask_rate", &[MateKd]),
     ("generator_lr", &[MateKd]),
     ("noise_rate", &[NoisyCoteach]),
+    ("keep_better", &[NoisyCoteach]),
     ("trust_threshold", &[NoisyRelabel]),
     ("labels_file", &[PeerAdvised]),
     ("gold_subset", &[PeerAdvised]),

@@ -254,15 +254,16 @@ fn flags_only(extra: &[&str]) -> std::process::Output {
 #[test]
 fn a_flag_the_method_does_not_read_is_an_error() {
     // (method and its own flags, a flag of another method, the methods that read it)
-    let cases: [(&[&str], &[&str], &str); 8] = [
-        (&["ce"], &["--alpha", "0.5"], "kd, ild, noisy-coteach, noisy-relabel"),
+    let cases: [(&[&str], &[&str], &str); 9] = [
+        (&["ce"], &["--alpha", "0.5"], "kd, ild, cr-ild, noisy-coteach, noisy-relabel"),
         (&["kd"], &["--last-layer"], "ild"),
         (&["ild", "--last-layer"], &["--keep", "0.3"], "peer-advised"),
         (&["noisy-coteach"], &["--trust-threshold", "0.5"], "noisy-relabel"),
-        (&["noisy-relabel"], &["--noise-rate", "0.2"], "noisy-coteach"),
+        (&["noisy-relabel"], &["--keep-better"], "noisy-coteach"),
         (&["cr-ild"], &["--divergence", "kl"], "mate-kd"),
         (&["mate-kd", "--generator", "/nonexistent/g"], &["--temperature", "3"], "kd, ild"),
         (&["peer-advised"], &["--stage1-epochs", "2"], "ild, cr-ild"),
+        (&["noisy-relabel"], &["--noise-rate", "0.2"], "noisy-coteach"),
     ];
     for (method, flag, readers) in cases {
         let mut args = vec!["--method"];
@@ -281,9 +282,23 @@ fn valid_method_flags_pass_validation() {
         &["ce", "--label-noise", "0.1", "--noise-seed", "3"],
         &["kd", "--alpha", "0.7", "--temperature", "4"],
         &["ild", "--last-layer", "--stage1-epochs", "2", "--alpha", "1"],
-        &["noisy-coteach", "--noise-rate", "0.2", "--alpha", "0.5"],
+        &["noisy-coteach", "--noise-rate", "0.2", "--alpha", "0.5", "--keep-better"],
         &["noisy-relabel", "--trust-threshold", "0.4", "--temperature", "1"],
-        &["cr-ild", "--objective", "qkv", "--w-ic", "0", "--stage1-epochs", "1", "--supplementary", "/nonexistent/s"],
+        &[
+            "cr-ild",
+            "--objective",
+            "qkv",
+            "--w-ic",
+            "0",
+            "--stage1-epochs",
+            "1",
+            "--supplementary",
+            "/nonexistent/s",
+            "--alpha",
+            "1",
+            "--temperature",
+            "3",
+        ],
         &[
             "mate-kd",
             "--generator",
@@ -335,4 +350,50 @@ fn objective_and_divergence_take_only_their_values() {
         assert!(err.contains(&format!("invalid value '{bad}' for '{flag}")), "{err}");
         assert!(err.contains(&format!("[possible values: {values}]")), "{err}");
     }
+}
+
+/// ild and cr-ild share kd's stage 2 (docs/METHODS.md): cr-ild's reads --alpha and
+/// --temperature, with kd's defaults a = 0.5, T = 2.
+#[test]
+fn cr_ild_stage2_is_kd_with_its_flags() {
+    let dir = scratch("distill-cr-ild-stage2");
+    let Some((teacher, task)) = teacher(&dir) else { return };
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        distill(&teacher, &task, &out, &[&["--method", "cr-ild", "--stage1-epochs", "1"][..], extra].concat());
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    };
+    let default = run("default", &[]);
+    assert!(default == run("explicit", &["--alpha", "0.5", "--temperature", "2"]), "defaults are not a = 0.5, T = 2");
+    assert!(default != run("alpha1", &["--alpha", "1"]), "--alpha does not reach cr-ild's stage 2");
+    assert!(default != run("t4", &["--temperature", "4"]), "--temperature does not reach cr-ild's stage 2");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// noisy-coteach returns student A: without a dev set too, and without saying it picked one;
+/// --keep-better opts in to the best-of-two selection on dev.
+#[test]
+fn noisy_coteach_reports_student_a_unless_keep_better() {
+    let dir = scratch("distill-coteach");
+    let Some((teacher, task)) = teacher(&dir) else { return };
+    let run = |out: &str, data: &[&str], extra: &[&str]| {
+        let mut args = vec!["distill", "--method", "noisy-coteach", "--teacher", s(&teacher), "--student-layers", "0"];
+        let out = dir.join(out);
+        args.extend_from_slice(&["--out", s(&out), "--epochs", "1", "--batch", "16", "--max-len", "32", "--json"]);
+        args.extend_from_slice(data);
+        args.extend_from_slice(extra);
+        kd(&args)
+    };
+    let glue = ["--task", "sst2", "--data", s(&task)];
+    let train = task.join("train.tsv");
+    let train_only = ["--train", s(&train), "--text-column", "sentence"];
+
+    let a = ok(run("a", &train_only, &[]));
+    assert_eq!(last_json(&a)["split"], "train");
+    let a = ok(run("a-dev", &glue, &[]));
+    assert!(!stderr(&a).contains("kept student"), "{}", stderr(&a));
+    let better = ok(run("better", &glue, &["--keep-better"]));
+    assert!(stderr(&better).contains("noisy-coteach: kept student"), "{}", stderr(&better));
+    fails_with(run("better-no-dev", &train_only, &["--keep-better"]), &["--keep-better", "dev set"]);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
