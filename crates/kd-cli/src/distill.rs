@@ -50,6 +50,9 @@ pub enum Method {
     MateKd,
     /// Peer-advised KD (Zhao 2023): probe, keep the converged half of each class, peer relabels the rest.
     PeerAdvised,
+    /// Hard-label KD (SLKD's word-level form): the student on the teacher's argmax labels alone
+    /// (or --labels-file's), CE; peer-advised's baseline without its probe and peer.
+    Slkd,
 }
 
 /// (Serialised into the run's fingerprint, docs/RUNS.md.)
@@ -200,13 +203,13 @@ pub fn run(mut args: Args) -> Result<()> {
         fingerprint.input("dev data", hash_set(dev));
     }
     let labels_file = match (&args.methods.peer_advised.labels_file, method) {
-        (Some(path), Method::PeerAdvised) => {
+        (Some(path), Method::PeerAdvised | Method::Slkd) => {
             // Rows by their index in the whole training file, not in the --max-train draw.
             let all = pseudo::read_jsonl(path, &task.label_names, task.file_rows)?;
             fingerprint.input("--labels-file contents", hash_path(path)?);
             Some(all.select(&task.train_rows))
         }
-        (Some(_), _) => bail!("--labels-file is an option of --method peer-advised"),
+        (Some(_), _) => bail!("--labels-file is an option of --method peer-advised and slkd"),
         (None, _) => None,
     };
     let supplementary = match (&args.methods.cr_ild.supplementary, method) {
@@ -238,6 +241,22 @@ pub fn run(mut args: Args) -> Result<()> {
         CachedLogits::build_or_load(&teacher, set, 128, &cache_dir).context("computing the teacher's logits")
     };
 
+    // peer-advised's and slkd's training labels: the teacher's (argmax, or --labels-file), with
+    // --gold-subset's gold rows.
+    let mut labels_file = labels_file;
+    let mut teacher_labels = |name: &str| -> Result<PseudoLabels> {
+        ensure!(!data.source.is_regression(), "{name} trains on the teacher's class labels: this task is a regression");
+        let mut labels = match labels_file.take() {
+            Some(labels) => labels,
+            None => PseudoLabels::from_logits(logits(train)?.rows(), false),
+        };
+        if let Some(k) = args.methods.peer_advised.gold_subset {
+            let split = pseudo::gold_subset(train, k, args.train.seed).context("--gold-subset")?;
+            pseudo::keep_gold(&mut labels, train, &split.gold_rows, task.label_names.len())?;
+            eprintln!("{name}: {k} rows keep their gold labels");
+        }
+        Ok(labels)
+    };
     let report: TrainReport = match method {
         Method::Ce => session.train("ce", &mut student, train, dev, &mut Ce, &cfg("ce", epochs))?,
         Method::Kd => {
@@ -325,16 +344,13 @@ pub fn run(mut args: Args) -> Result<()> {
                 Ok(mate_kd::train(&mut student, &teacher, &mut generator, train, dev, &stage_cfg, &mate, observer)?)
             })?
         }
+        Method::Slkd => {
+            let labels = teacher_labels("slkd")?;
+            let set = EncodedSet { items: train.items.clone(), targets: Targets::Classes(labels.hard()) };
+            session.train("slkd", &mut student, &set, dev, &mut Ce, &cfg("slkd", epochs))?
+        }
         Method::PeerAdvised => {
-            let mut labels = match labels_file {
-                Some(labels) => labels,
-                None => PseudoLabels::from_logits(logits(train)?.rows(), false),
-            };
-            if let Some(k) = args.methods.peer_advised.gold_subset {
-                let split = pseudo::gold_subset(train, k, args.train.seed).context("--gold-subset")?;
-                pseudo::keep_gold(&mut labels, train, &split.gold_rows, task.label_names.len())?;
-                eprintln!("peer-advised: {k} rows keep their gold labels");
-            }
+            let labels = teacher_labels("peer-advised")?;
             let pa_cfg = PeerAdvisedConfig {
                 keep: args.methods.peer_advised.keep(),
                 ..PeerAdvisedConfig::new(cfg("peer-advised", epochs))

@@ -193,17 +193,18 @@ pub struct NoisyArgs {
 
 /// Peer-advised KD (Zhao 2023).
 #[derive(clap::Args, Debug, Default, serde::Serialize)]
-#[command(next_help_heading = "peer-advised")]
+#[command(next_help_heading = "peer-advised (and slkd)")]
 pub struct PeerAdvisedArgs {
-    /// The teacher's labels as JSONL (hard or soft), one per row of the whole training file
+    /// peer-advised and slkd: the teacher's labels as JSONL (hard or soft; slkd takes the argmax), one per row of the whole training file
     /// ("index": its row, whatever --max-train draws) [default: the teacher's argmax].
     #[arg(long, value_name = "FILE")]
     pub labels_file: Option<PathBuf>,
-    /// Keep the gold labels of K training rows (drawn with --seed, the rows
+    /// peer-advised and slkd: keep the gold labels of K training rows (drawn with --seed, the rows
     /// `finetune --gold-subset K` trains on) in place of the teacher's.
     #[arg(long, value_name = "K")]
     pub gold_subset: Option<usize>,
-    /// The fraction of teacher labels kept, in (0, 1) [default: 0.5].
+    /// peer-advised: the fraction of teacher labels kept, within each teacher-label class, in
+    /// (0, 1) [default: 0.5].
     #[arg(long, value_name = "FRACTION")]
     pub keep: Option<f64>,
 }
@@ -260,8 +261,8 @@ const READERS: [(&str, &[Method]); 19] = [
     ("noise_rate", &[NoisyCoteach]),
     ("keep_better", &[NoisyCoteach]),
     ("trust_threshold", &[NoisyRelabel]),
-    ("labels_file", &[PeerAdvised]),
-    ("gold_subset", &[PeerAdvised]),
+    ("labels_file", &[PeerAdvised, Slkd]),
+    ("gold_subset", &[PeerAdvised, Slkd]),
     ("keep", &[PeerAdvised]),
 ];
 

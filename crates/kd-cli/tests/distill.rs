@@ -101,7 +101,7 @@ fn every_method_distils_a_real_teacher() {
         "--max-len",
         "32",
     ]));
-    let methods: [&[&str]; 9] = [
+    let methods: [&[&str]; 10] = [
         &["--method", "ce"],
         &["--method", "kd"],
         &["--method", "ild", "--stage1-epochs", "1"],
@@ -110,6 +110,7 @@ fn every_method_distils_a_real_teacher() {
         &["--method", "noisy-coteach", "--label-noise", "0.3"],
         &["--method", "cr-ild", "--stage1-epochs", "1"],
         &["--method", "peer-advised"],
+        &["--method", "slkd"],
         &["--method", "mate-kd", "--generator", s(&generator)],
     ];
     for (i, method) in methods.iter().enumerate() {
@@ -395,5 +396,51 @@ fn noisy_coteach_reports_student_a_unless_keep_better() {
     let better = ok(run("better", &glue, &["--keep-better"]));
     assert!(stderr(&better).contains("noisy-coteach: kept student"), "{}", stderr(&better));
     fails_with(run("better-no-dev", &train_only, &["--keep-better"]), &["--keep-better", "dev set"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// slkd trains the student on the teacher's hard labels alone: by default the teacher's argmax,
+/// which gives the student `pseudo-label`'s file gives (hard, or soft, whose argmax it takes);
+/// given the gold labels as its file it is `ce`, bit for bit.
+#[test]
+fn slkd_trains_on_the_teachers_hard_labels() {
+    let dir = scratch("distill-slkd");
+    let Some((teacher, task)) = teacher(&dir) else { return };
+    let data = ["--task", "sst2", "--data", s(&task), "--max-len", "32"];
+    let (hard, soft, gold) = (dir.join("hard.jsonl"), dir.join("soft.jsonl"), dir.join("gold.jsonl"));
+    ok(kd(&[&["pseudo-label", "--teacher", s(&teacher), "--out", s(&hard)][..], &data].concat()));
+    ok(kd(&[&["pseudo-label", "--teacher", s(&teacher), "--soft", "--out", s(&soft)][..], &data].concat()));
+    let train = std::fs::read_to_string(task.join("train.tsv")).unwrap();
+    let gold_lines: Vec<String> = train
+        .lines()
+        .skip(1)
+        .map(|l| format!("{{\"label\": \"{}\"}}\n", l.rsplit('\t').next().unwrap().trim()))
+        .collect();
+    std::fs::write(&gold, gold_lines.concat()).unwrap();
+
+    let run = |name: &str, method: &[&str]| {
+        let out = dir.join(name);
+        distill(&teacher, &task, &out, method);
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    };
+    let slkd = run("slkd", &["--method", "slkd"]);
+    assert!(slkd == run("slkd-hard", &["--method", "slkd", "--labels-file", s(&hard)]), "not the teacher's argmax");
+    assert!(slkd == run("slkd-soft", &["--method", "slkd", "--labels-file", s(&soft)]), "soft labels not argmaxed");
+    let ce = run("ce", &["--method", "ce"]);
+    assert!(ce == run("slkd-gold", &["--method", "slkd", "--labels-file", s(&gold)]), "gold labels do not give ce");
+    // The teacher (deterministic) disagrees with some gold labels, so its labels train another
+    // student.
+    let disagree = std::fs::read_to_string(&hard)
+        .unwrap()
+        .lines()
+        .zip(train.lines().skip(1))
+        .filter(|(h, g)| {
+            let h: serde_json::Value = serde_json::from_str(h).unwrap();
+            h["label"].to_string().trim_matches('"') != g.rsplit('\t').next().unwrap().trim()
+        })
+        .count();
+    assert!(disagree > 0, "the teacher agrees with every gold label: the test shows nothing");
+    assert!(slkd != ce, "slkd trained on the gold labels");
+    fails_with(flags_only(&["--method", "slkd", "--keep", "0.3"]), &["--keep is not an option of --method slkd"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
