@@ -9,7 +9,6 @@ use kd_methods::batching::{Encoded, EncodedSet, Targets};
 use kd_methods::methods::ce::Ce;
 use kd_methods::methods::cr_ild::{self, CrIldConfig};
 use kd_methods::methods::ild::Ild;
-use kd_methods::methods::kd::Kd;
 use kd_methods::methods::mate_kd::{self, MateKdConfig};
 use kd_methods::methods::noisy_coteach::{estimate_noise_rate, keep_better, CoTeach, CoTeachParams};
 use kd_methods::methods::noisy_relabel::{NoisyRelabel, RelabelParams};
@@ -261,8 +260,7 @@ pub fn run(mut args: Args) -> Result<()> {
         Method::Ce => session.train("ce", &mut student, train, dev, &mut Ce, &cfg("ce", epochs))?,
         Method::Kd => {
             let mut cache = logits(train)?;
-            let mut objective =
-                Kd { teacher: &mut cache, alpha: args.methods.kd.alpha(), temperature: args.methods.kd.temperature() };
+            let mut objective = args.methods.kd.loss(&mut cache);
             session.train("kd", &mut student, train, dev, &mut objective, &cfg("kd", epochs))?
         }
         Method::Ild => {
@@ -270,8 +268,7 @@ pub fn run(mut args: Args) -> Result<()> {
             let e1 = args.methods.ild.stage1_epochs.unwrap_or(epochs);
             session.train("ild", &mut student, train, None, &mut stage1, &cfg("ild", e1))?;
             let mut cache = logits(train)?;
-            let mut objective =
-                Kd { teacher: &mut cache, alpha: args.methods.kd.alpha(), temperature: args.methods.kd.temperature() };
+            let mut objective = args.methods.kd.loss(&mut cache);
             session.train("kd", &mut student, train, dev, &mut objective, &cfg("kd", epochs))?
         }
         Method::NoisyRelabel => {
@@ -325,8 +322,7 @@ pub fn run(mut args: Args) -> Result<()> {
             session.train("cr-ild", &mut student, &stage1_set, None, &mut stage1, &cfg("cr-ild", e1))?;
             // Stage 2 is ild's (and kd's): --alpha and --temperature.
             let mut cache = logits(train)?;
-            let mut objective =
-                Kd { teacher: &mut cache, alpha: args.methods.kd.alpha(), temperature: args.methods.kd.temperature() };
+            let mut objective = args.methods.kd.loss(&mut cache);
             session.train("kd", &mut student, train, dev, &mut objective, &cfg("kd", epochs))?
         }
         Method::MateKd => {

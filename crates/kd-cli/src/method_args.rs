@@ -13,6 +13,7 @@ use anyhow::{bail, ensure, Result};
 use clap::ValueEnum;
 use kd_kernels::ops::softmax_kl::KlForm;
 use kd_methods::methods::cr_ild::Stage1Objective;
+use kd_methods::methods::kd::{Kd, TeacherLogits};
 use serde_json::Value;
 
 use crate::distill::Method;
@@ -78,6 +79,11 @@ impl KdArgs {
 
     pub fn temperature(&self) -> f32 {
         self.temperature.unwrap_or(Self::TEMPERATURE)
+    }
+
+    /// The loss of kd and of ild's and cr-ild's stage 2, against `teacher`'s logits.
+    pub fn loss<'t>(&self, teacher: &'t mut dyn TeacherLogits) -> Kd<'t> {
+        Kd { teacher, alpha: self.alpha(), temperature: self.temperature() }
     }
 }
 
