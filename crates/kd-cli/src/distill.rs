@@ -9,7 +9,7 @@ use kd_methods::augment::{Augmenter, TokenKind};
 use kd_methods::batching::{Encoded, EncodedSet, Targets};
 use kd_methods::encode::encode_texts;
 use kd_methods::methods::ce::Ce;
-use kd_methods::methods::cr_ild::{self, CrIldConfig, Stage1Objective};
+use kd_methods::methods::cr_ild::{self, CrIldConfig};
 use kd_methods::methods::ild::Ild;
 use kd_methods::methods::kd::Kd;
 use kd_methods::methods::mate_kd::{self, MateKdConfig};
@@ -27,6 +27,7 @@ use kd_model::{BertConfig, BertWeights, Tokenizer};
 
 use crate::args::{device, report_skipped, DataArgs};
 use crate::finetune::with_head;
+use crate::method_args::MethodArgs;
 use crate::model::{check_task, label_names, same_vocabulary, ModelDir};
 use crate::report::print_result;
 use crate::run_dir::{check_out, hash_model, hash_path, hash_set, Fingerprint};
@@ -49,8 +50,11 @@ pub enum Method {
     CrIld,
     /// MATE-KD (Rashid et al. 2021): an MLM generator perturbs text to maximise divergence.
     MateKd,
-    /// Peer-advised KD (Zhao 2023): probe, keep the converged half, peer relabels the rest.
+    /// Peer-advised KD (Zhao 2023): probe, keep the converged half of each class, peer relabels the rest.
     PeerAdvised,
+    /// Hard-label KD (SLKD's word-level form): the student on the teacher's argmax labels alone
+    /// (or --labels-file's), CE; peer-advised's baseline without its probe and peer.
+    Slkd,
 }
 
 /// (Serialised into the run's fingerprint, docs/RUNS.md.)
@@ -79,145 +83,81 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     train: TrainArgs,
-    /// Share of the soft (teacher) term in kd, noisy-coteach and noisy-relabel.
-    #[arg(long, default_value_t = 0.5)]
-    alpha: f32,
-    /// Softmax temperature of the logit KD terms.
-    #[arg(long, default_value_t = 2.0)]
-    temperature: f32,
     /// Flip each training label to another class with this probability (seeded by --noise-seed).
     #[arg(long, value_name = "RATE")]
     label_noise: Option<f64>,
     /// Seed of --label-noise, independent of --seed so every run sees the same corrupted set.
     #[arg(long, default_value_t = 0)]
     noise_seed: u64,
-    /// ild: match only the last layer (L-ILD).
-    #[arg(long)]
-    last_layer: bool,
-    /// ild and cr-ild: epochs of the intermediate-layer stage (default: --epochs).
-    #[arg(long, value_name = "N")]
-    stage1_epochs: Option<usize>,
-    /// noisy-coteach: the noise rate r_est (default: the teacher's disagreement with the labels).
-    #[arg(long, value_name = "RATE")]
-    noise_rate: Option<f32>,
-    /// noisy-relabel: zero the hard-label weight where the teacher's belief is below this.
-    #[arg(long, value_name = "P")]
-    trust_threshold: Option<f32>,
-    /// cr-ild: `ah` (attention + hidden states) or `qkv` (relation KL).
-    #[arg(long, default_value = "ah")]
-    objective: String,
-    /// cr-ild: extra unlabelled text for stage 1, one text (or a tab-separated pair) a line.
-    #[arg(long, value_name = "FILE")]
-    supplementary: Option<PathBuf>,
-    /// mate-kd: the generator, an HF BertForMaskedLM folder with the teacher's vocabulary.
-    #[arg(long, value_name = "DIR")]
-    generator: Option<PathBuf>,
-    /// mate-kd: `ce` (the official code's cross-entropy form) or `kl`.
-    #[arg(long, default_value = "ce")]
-    divergence: String,
-    /// peer-advised: the teacher's labels as JSONL (hard or soft), one per row of the whole
-    /// training file ("index": its row, whatever --max-train draws); default: the teacher's argmax.
-    #[arg(long, value_name = "FILE")]
-    labels_file: Option<PathBuf>,
-    /// peer-advised: keep the gold labels of K training rows (drawn with --seed, the rows
-    /// `finetune --gold-subset K` trains on) in place of the teacher's.
-    #[arg(long, value_name = "K")]
-    gold_subset: Option<usize>,
-    /// peer-advised: the fraction of teacher labels kept.
-    #[arg(long, default_value_t = 0.5)]
-    keep: f64,
-    /// kd, ild and cr-ild: transfer text the teacher labels, mixed with the training rows (the
-    /// soft term alone on it): plain lines (a tab splits a pair), or a CSV/TSV/JSONL/Parquet
-    /// file read with the training data's text columns, its labels ignored.
-    #[arg(long, value_name = "FILE")]
-    unlabeled: Option<PathBuf>,
-    /// kd, ild and cr-ild: N copies of each training row with words replaced by --generator's
-    /// guesses (TinyBERT's augmentation, p = 0.4, K = 15), trained on as transfer rows.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    augment: Option<u32>,
     /// Cache of teacher logits, keyed by teacher weights and data (default ~/.cache/kd/teacher-logits).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// Print the final result as one JSON object (the last line of stdout).
     #[arg(long)]
     json: bool,
+    /// The methods' own flags, each group under its own heading (method_args.rs); a flag the
+    /// chosen --method does not read is an error.
+    #[command(flatten)]
+    #[serde(flatten)]
+    methods: MethodArgs,
 }
 
 /// Fields of [`Args`] left out of the run's fingerprint: paths (their contents are hashed
 /// instead) and flags that do not change the result.
-const NOT_IN_FINGERPRINT: [&str; 10] = [
-    "teacher",
-    "student",
-    "student_config",
-    "out",
-    "cache_dir",
-    "json",
-    "generator",
-    "labels_file",
-    "supplementary",
-    "unlabeled",
-];
+const NOT_IN_FINGERPRINT: [&str; 6] = ["teacher", "student", "student_config", "out", "cache_dir", "json"];
 
 impl Args {
-    /// The checks of the method's settings that need no file: made before anything is loaded,
-    /// and before OUT is touched.
+    /// The checks of the flags that need no file: made before anything is loaded, and before
+    /// OUT is touched. A method flag that `method` does not read is an error.
     fn check(&self, method: Method) -> Result<()> {
-        ensure!((0.0..=1.0).contains(&self.alpha), "--alpha {} is not in [0, 1]", self.alpha);
-        let t = self.temperature;
-        ensure!(t.is_finite() && t > 0.0, "--temperature {t} is not a positive number");
-        ensure!(self.keep > 0.0 && self.keep < 1.0, "--keep {} is not a fraction in (0, 1)", self.keep);
-        if let Some(r) = self.noise_rate {
-            ensure!((0.0..=1.0).contains(&r), "--noise-rate {r} is not in [0, 1]");
-        }
-        if let Some(p) = self.trust_threshold {
-            ensure!((0.0..=1.0).contains(&p), "--trust-threshold {p} is not a probability in [0, 1]");
-        }
+        self.methods.check_given(Some(method))?;
+        self.methods.check_ranges()?;
         if let Some(r) = self.label_noise {
             ensure!((0.0..=1.0).contains(&r), "--label-noise {r} is not a rate in [0, 1]");
         }
         ensure!(
-            ["ce", "kl"].contains(&self.divergence.as_str()),
-            "--divergence {}: expected ce or kl",
-            self.divergence
-        );
-        self.objective.parse::<Stage1Objective>()?;
-        ensure!(
-            method != Method::MateKd || self.generator.is_some(),
+            method != Method::MateKd || self.methods.mate_kd.generator.is_some(),
             "mate-kd needs --generator DIR (see kd-cli train-generator)"
         );
         Ok(())
     }
 
+    /// cr-ild's stage 1: its consistency ramp runs over the stage-1 epochs (--stage1-epochs,
+    /// default --epochs), the epochs that stage trains.
+    fn cr_ild_config(&self) -> CrIldConfig {
+        let e1 = self.methods.ild.stage1_epochs.unwrap_or(self.train.epochs);
+        let c = &self.methods.cr_ild;
+        CrIldConfig { objective: c.objective().into(), w_ic: c.w_ic(), ..CrIldConfig::new(e1, self.train.seed) }
+    }
+
+    /// The run's flags in its fingerprint (after [`MethodArgs::fill_defaults`]).
+    fn fingerprint(&self) -> Result<Fingerprint> {
+        let ignore = [&NOT_IN_FINGERPRINT[..], &DataArgs::PATHS, &MethodArgs::PATHS, &TrainArgs::NOT_RESULT].concat();
+        Fingerprint::of_flags("distill", self, &ignore)
+    }
+
     /// The paths the run reads, by flag.
     fn inputs(&self) -> Vec<(&'static str, &Path)> {
         let mut inputs = self.data.inputs();
-        let given = [
-            ("--teacher", &self.teacher),
-            ("--student", &self.student),
-            ("--student-config", &self.student_config),
-            ("--generator", &self.generator),
-            ("--labels-file", &self.labels_file),
-            ("--supplementary", &self.supplementary),
-            ("--unlabeled", &self.unlabeled),
-        ];
+        let given =
+            [("--teacher", &self.teacher), ("--student", &self.student), ("--student-config", &self.student_config)];
         inputs.extend(given.into_iter().filter_map(|(flag, p)| Some((flag, p.as_deref()?))));
+        inputs.extend(self.methods.inputs());
         inputs
     }
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
     let Some(teacher_dir) = args.teacher.clone() else {
         ensure!(args.method.is_none(), "--method needs --teacher DIR (or run `kd-cli distill` alone for the demo)");
+        args.methods.check_given(None)?;
         return crate::demo::run(args.json, device(&args.train.device)?);
     };
     let method = args.method.context("--method is required with --teacher")?;
-    ensure!(
-        args.gold_subset.is_none() || matches!(method, Method::PeerAdvised),
-        "--gold-subset is an option of --method peer-advised (finetune takes it too)"
-    );
+    args.check(method)?;
+    args.methods.fill_defaults();
     let out = args.out.clone().context("--out DIR is required with --teacher")?;
     args.train.check()?;
-    args.check(method)?;
     check_out(&out, &args.inputs())?;
     let device = device(&args.train.device)?;
     let data = args.data.options(None)?;
@@ -257,31 +197,38 @@ pub fn run(args: Args) -> Result<()> {
     check_compatible(&teacher, &student)?;
 
     // Every other input is read before OUT is touched.
-    let mut fingerprint = Fingerprint::of_flags(
-        "distill",
-        &args,
-        &[&NOT_IN_FINGERPRINT[..], &DataArgs::PATHS, &TrainArgs::NOT_RESULT].concat(),
-    )?;
+    let mut fingerprint = args.fingerprint()?;
     fingerprint.input("teacher weights", hash_model(&teacher)?);
     fingerprint.input("initial student weights", hash_model(&student)?);
     fingerprint.input("training data", hash_set(train));
     if let Some(dev) = dev {
         fingerprint.input("dev data", hash_set(dev));
     }
-    let labels_file = match (&args.labels_file, method) {
-        (Some(path), Method::PeerAdvised) => {
+    let labels_file = match (&args.methods.peer_advised.labels_file, method) {
+        (Some(path), Method::PeerAdvised | Method::Slkd) => {
             // Rows by their index in the whole training file, not in the --max-train draw.
             let all = pseudo::read_jsonl(path, &task.label_names, task.file_rows)?;
             fingerprint.input("--labels-file contents", hash_path(path)?);
             Some(all.select(&task.train_rows))
         }
-        (Some(_), _) => bail!("--labels-file is an option of --method peer-advised"),
+        (Some(_), _) => bail!("--labels-file is an option of --method peer-advised and slkd"),
+        (None, _) => None,
+    };
+    let supplementary = match (&args.methods.cr_ild.supplementary, method) {
+        (Some(path), Method::CrIld) => {
+            fingerprint.input("--supplementary contents", hash_path(path)?);
+            // Stage 1 of cr-ild reads no labels: placeholders.
+            let items = read_texts(&data, path, &tdir.tokenizer)?;
+            Some(EncodedSet { targets: Targets::Classes(vec![0; items.len()]), items })
+        }
+        (Some(_), _) => bail!("--supplementary is an option of --method cr-ild"),
         (None, _) => None,
     };
     // The generator feeds mate-kd, and --augment for the methods that take transfer rows.
+    let transfer_args = &args.methods.transfer;
     let takes_transfer = matches!(method, Method::Kd | Method::Ild | Method::CrIld);
-    let wants_generator = method == Method::MateKd || (args.augment.is_some() && takes_transfer);
-    let mut generator = match &args.generator {
+    let wants_generator = method == Method::MateKd || (transfer_args.augment.is_some() && takes_transfer);
+    let mut generator = match &args.methods.mate_kd.generator {
         Some(gdir) if wants_generator => {
             let gdir = ModelDir::open(gdir)?;
             same_vocabulary(&tdir, &gdir, "generator")?;
@@ -293,7 +240,7 @@ pub fn run(args: Args) -> Result<()> {
         None => None,
     };
     let mut transfer: Vec<Encoded> = Vec::new();
-    match &args.unlabeled {
+    match &transfer_args.unlabeled {
         Some(path) if takes_transfer => {
             fingerprint.input("--unlabeled contents", hash_path(path)?);
             transfer.extend(read_texts(&data, path, &tdir.tokenizer)?);
@@ -301,7 +248,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(_) => bail!("--unlabeled is an option of --method kd, ild and cr-ild"),
         None => {}
     }
-    match (args.augment, &generator) {
+    match (transfer_args.augment, &generator) {
         (Some(copies), Some(generator)) if takes_transfer => {
             let augmenter = Augmenter {
                 generator,
@@ -326,16 +273,6 @@ pub fn run(args: Args) -> Result<()> {
     if with_transfer.is_some() {
         eprintln!("{} training rows and {} transfer rows", train.items.len(), kd_set.items.len() - train.items.len());
     }
-    let supplementary = match (&args.supplementary, method) {
-        (Some(path), Method::CrIld) => {
-            fingerprint.input("--supplementary contents", hash_path(path)?);
-            // Stage 1 of cr-ild reads no labels: placeholders.
-            let items = read_texts(&data, path, &tdir.tokenizer)?;
-            Some(EncodedSet { targets: Targets::Classes(vec![0; items.len()]), items })
-        }
-        (Some(_), _) => bail!("--supplementary is an option of --method cr-ild"),
-        (None, _) => None,
-    };
     let mut session =
         Session::create(&out, &tdir.tokenizer_file, args.train.resume, fingerprint, args.train.log_every)?;
     let epochs = args.train.epochs;
@@ -347,35 +284,50 @@ pub fn run(args: Args) -> Result<()> {
     };
 
     let first_transfer_row = if with_transfer.is_some() { train.items.len() } else { usize::MAX };
+    // peer-advised's and slkd's training labels: the teacher's (argmax, or --labels-file), with
+    // --gold-subset's gold rows.
+    let mut labels_file = labels_file;
+    let mut teacher_labels = |name: &str| -> Result<PseudoLabels> {
+        ensure!(!data.source.is_regression(), "{name} trains on the teacher's class labels: this task is a regression");
+        let mut labels = match labels_file.take() {
+            Some(labels) => labels,
+            None => PseudoLabels::from_logits(logits(train)?.rows(), false),
+        };
+        if let Some(k) = args.methods.peer_advised.gold_subset {
+            let split = pseudo::gold_subset(train, k, args.train.seed).context("--gold-subset")?;
+            pseudo::keep_gold(&mut labels, train, &split.gold_rows, task.label_names.len())?;
+            eprintln!("{name}: {k} rows keep their gold labels");
+        }
+        Ok(labels)
+    };
     let report: TrainReport = match method {
         Method::Ce => session.train("ce", &mut student, train, dev, &mut Ce, &cfg("ce", epochs))?,
         Method::Kd => {
             let mut cache = logits(kd_set)?;
-            let mut objective = Kd { first_transfer_row, ..Kd::new(&mut cache, args.alpha, args.temperature) };
+            let mut objective = Kd { first_transfer_row, ..args.methods.kd.loss(&mut cache) };
             session.train("kd", &mut student, kd_set, dev, &mut objective, &cfg("kd", epochs))?
         }
         Method::Ild => {
-            let mut stage1 = Ild::new(&teacher, &student, args.last_layer, args.train.seed)?;
-            let e1 = args.stage1_epochs.unwrap_or(epochs);
+            let mut stage1 = Ild::new(&teacher, &student, args.methods.ild.last_layer, args.train.seed)?;
+            let e1 = args.methods.ild.stage1_epochs.unwrap_or(epochs);
             session.train("ild", &mut student, kd_set, None, &mut stage1, &cfg("ild", e1))?;
             let mut cache = logits(kd_set)?;
-            let mut objective = Kd { first_transfer_row, ..Kd::new(&mut cache, args.alpha, args.temperature) };
+            let mut objective = Kd { first_transfer_row, ..args.methods.kd.loss(&mut cache) };
             session.train("kd", &mut student, kd_set, dev, &mut objective, &cfg("kd", epochs))?
         }
         Method::NoisyRelabel => {
             let mut cache = logits(train)?;
             let params = RelabelParams {
-                alpha: args.alpha,
-                temperature: args.temperature,
-                trust_threshold: args.trust_threshold,
+                alpha: args.methods.kd.alpha(),
+                temperature: args.methods.kd.temperature(),
+                trust_threshold: args.methods.noisy.trust_threshold,
             };
             let mut objective = NoisyRelabel::new(&mut cache, params)?;
             session.train("noisy-relabel", &mut student, train, dev, &mut objective, &cfg("noisy-relabel", epochs))?
         }
         Method::NoisyCoteach => {
-            let dev = dev.context("noisy-coteach keeps the student that is better on dev: it needs a dev set")?;
             let mut cache = logits(train)?;
-            let r_est = match args.noise_rate {
+            let r_est = match args.methods.noisy.noise_rate {
                 Some(r) => r,
                 None => estimate_noise_rate(cache.rows(), &train.targets)?,
             };
@@ -383,59 +335,66 @@ pub fn run(args: Args) -> Result<()> {
             let peer_seed = args.train.seed.wrapping_add(1);
             let peer = build.student(peer_seed)?;
             let params = CoTeachParams {
-                alpha: args.alpha,
-                temperature: args.temperature,
+                alpha: args.methods.kd.alpha(),
+                temperature: args.methods.kd.temperature(),
                 ..CoTeachParams::new(r_est, peer_seed)
             };
             let stage_cfg = cfg("noisy-coteach", epochs);
             let mut objective = CoTeach::new(&mut cache, peer, params, &stage_cfg, train.items.len())?;
-            let report = session.train("noisy-coteach", &mut student, train, Some(dev), &mut objective, &stage_cfg)?;
-            let kept = keep_better(student, objective.into_peer(), dev, args.train.batch, metric)?;
-            eprintln!(
-                "noisy-coteach: kept student {:?} (dev {:.4} vs {:.4})",
-                kept.which,
-                kept.dev_a.main(),
-                kept.dev_b.main()
-            );
-            student = kept.model;
-            TrainReport { final_metrics: Some(evaluate(&student, dev, args.train.batch, metric)?), ..report }
+            let report = session.train("noisy-coteach", &mut student, train, dev, &mut objective, &stage_cfg)?;
+            // Student A, unless --keep-better asks for the better of the two on dev.
+            if !args.methods.noisy.keep_better {
+                report
+            } else {
+                let dev = dev.context("--keep-better picks the student that is better on dev: it needs a dev set")?;
+                let kept = keep_better(student, objective.into_peer(), dev, args.train.batch, metric)?;
+                eprintln!(
+                    "noisy-coteach: kept student {:?} (dev {:.4} vs {:.4})",
+                    kept.which,
+                    kept.dev_a.main(),
+                    kept.dev_b.main()
+                );
+                student = kept.model;
+                TrainReport { final_metrics: Some(evaluate(&student, dev, args.train.batch, metric)?), ..report }
+            }
         }
         Method::CrIld => {
-            let objective: Stage1Objective = args.objective.parse()?;
             let stage1_set = cr_ild::stage1_set(kd_set, supplementary.as_ref());
-            let e1 = args.stage1_epochs.unwrap_or(epochs);
-            let mut stage1 =
-                cr_ild::stage1(&teacher, &student, CrIldConfig { objective, ..CrIldConfig::new(e1, args.train.seed) })?;
+            let cr_cfg = args.cr_ild_config();
+            let e1 = cr_cfg.epochs;
+            let mut stage1 = cr_ild::stage1(&teacher, &student, cr_cfg)?;
             session.train("cr-ild", &mut student, &stage1_set, None, &mut stage1, &cfg("cr-ild", e1))?;
+            // Stage 2 is ild's (and kd's): --alpha and --temperature.
             let mut cache = logits(kd_set)?;
-            let mut stage2 = Kd { first_transfer_row, ..cr_ild::stage2(&mut cache) };
-            session.train("kd", &mut student, kd_set, dev, &mut stage2, &cfg("kd", epochs))?
+            let mut objective = Kd { first_transfer_row, ..args.methods.kd.loss(&mut cache) };
+            session.train("kd", &mut student, kd_set, dev, &mut objective, &cfg("kd", epochs))?
         }
         Method::MateKd => {
             let mut generator = generator.take().context("mate-kd needs --generator DIR")?;
             let mut mate = MateKdConfig::new(token(&tdir.tokenizer, "[MASK]")?, special_ids(&tdir.tokenizer));
-            mate.divergence = match args.divergence.as_str() {
-                "ce" => kd_kernels::ops::softmax_kl::KlForm::CrossEntropy,
-                "kl" => kd_kernels::ops::softmax_kl::KlForm::Kl,
-                other => bail!("--divergence {other}: expected ce or kl"),
-            };
+            let m = &args.methods.mate_kd;
+            mate.divergence = m.divergence().into();
+            mate.generator_steps = m.generator_steps();
+            mate.student_steps = m.student_steps();
+            mate.masking.prob = m.mask_rate();
+            mate.generator_lr = m.generator_lr();
             let stage_cfg = cfg("mate-kd", epochs);
             let steps = train.items.len().div_ceil(args.train.batch) as u64 * epochs as u64;
             session.run("mate-kd", steps, epochs, |observer| {
                 Ok(mate_kd::train(&mut student, &teacher, &mut generator, train, dev, &stage_cfg, &mate, observer)?)
             })?
         }
+        Method::Slkd => {
+            let labels = teacher_labels("slkd")?;
+            let set = EncodedSet { items: train.items.clone(), targets: Targets::Classes(labels.hard()) };
+            session.train("slkd", &mut student, &set, dev, &mut Ce, &cfg("slkd", epochs))?
+        }
         Method::PeerAdvised => {
-            let mut labels = match labels_file {
-                Some(labels) => labels,
-                None => PseudoLabels::from_logits(logits(train)?.rows(), false),
+            let labels = teacher_labels("peer-advised")?;
+            let pa_cfg = PeerAdvisedConfig {
+                keep: args.methods.peer_advised.keep(),
+                ..PeerAdvisedConfig::new(cfg("peer-advised", epochs))
             };
-            if let Some(k) = args.gold_subset {
-                let split = pseudo::gold_subset(train, k, args.train.seed).context("--gold-subset")?;
-                pseudo::keep_gold(&mut labels, train, &split.gold_rows, task.label_names.len())?;
-                eprintln!("peer-advised: {k} rows keep their gold labels");
-            }
-            let pa_cfg = PeerAdvisedConfig { keep: args.keep, ..PeerAdvisedConfig::new(cfg("peer-advised", epochs)) };
             let steps = train.items.len().div_ceil(args.train.batch) as u64 * (2 * epochs + pa_cfg.probe.epochs) as u64;
             let mut new_student =
                 || build.student(args.train.seed).map_err(|e| kd_methods::Error::Config(format!("{e:#}")));
@@ -596,4 +555,71 @@ fn with_transfer_rows(train: &EncodedSet, transfer: Vec<Encoded>) -> EncodedSet 
         Targets::Scores(s) => s.extend(std::iter::repeat_n(0.0, n)),
     }
     set
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn fingerprint(line: &[&str]) -> Fingerprint {
+        let mut args = parse(line);
+        args.methods.fill_defaults();
+        args.fingerprint().unwrap()
+    }
+
+    fn same(a: &Fingerprint, b: &Fingerprint) -> Result<()> {
+        a.check_resumes(b, Path::new("run.json"))
+    }
+
+    fn parse(line: &[&str]) -> Args {
+        Cli::try_parse_from([&["distill"], line].concat()).unwrap().args
+    }
+
+    /// cr-ild's consistency ramp runs over the stage-1 epochs, not --epochs.
+    #[test]
+    fn cr_ild_ramps_over_the_stage1_epochs() {
+        use kd_methods::methods::cr_ild::consistency_weight;
+        let cfg =
+            parse(&["--method", "cr-ild", "--epochs", "5", "--stage1-epochs", "3", "--w-ic", "0.2"]).cr_ild_config();
+        assert_eq!((cfg.epochs, cfg.w_ic), (3, 0.2));
+        // The last stage-1 epoch (2 of 0..3) reaches 2/3 of w_ic (2/5 if it ramped over --epochs).
+        assert_eq!(consistency_weight(cfg.w_ic, 2, cfg.epochs), 0.2 * 2.0 / 3.0);
+        let cfg = parse(&["--method", "cr-ild", "--epochs", "4"]).cr_ild_config();
+        assert_eq!((cfg.epochs, cfg.w_ic), (4, 0.1));
+    }
+
+    /// A default given explicitly resumes a run that left it out; a changed method flag does
+    /// not, and the error names it; method paths are not in the fingerprint.
+    #[test]
+    fn method_flags_in_the_fingerprint() {
+        let base = ["--method", "mate-kd", "--generator", "g1"];
+        let with = |extra: &[&'static str]| fingerprint(&[&base[..], extra].concat());
+        let plain = with(&[]);
+        same(&plain, &with(&["--mask-rate", "0.3", "--generator-steps", "10", "--divergence", "ce"])).unwrap();
+        same(&plain, &fingerprint(&["--method", "mate-kd", "--generator", "elsewhere/g2"])).unwrap();
+        for (flag, value, was) in [
+            ("--mask-rate", "0.5", "0.3"),
+            ("--generator-steps", "3", "10"),
+            ("--student-steps", "7", "100"),
+            ("--generator-lr", "1e-6", "0.0000005"),
+            ("--divergence", "kl", "ce"),
+        ] {
+            let err = format!("{:#}", same(&with(&[flag, value]), &plain).unwrap_err());
+            assert!(err.contains(&format!("{flag} was {was} and is now")), "{err}");
+        }
+        let cr = |extra: &[&'static str]| fingerprint(&[&["--method", "cr-ild"][..], extra].concat());
+        same(&cr(&["--w-ic", "0.1", "--objective", "ah"]), &cr(&[])).unwrap();
+        let err = format!("{:#}", same(&cr(&["--w-ic", "0.2"]), &cr(&[])).unwrap_err());
+        assert!(err.contains("--w-ic was 0.1 and is now 0.2"), "{err}");
+        let err = format!("{:#}", same(&cr(&["--objective", "qkv"]), &cr(&[])).unwrap_err());
+        assert!(err.contains("--objective was ah and is now qkv"), "{err}");
+    }
 }

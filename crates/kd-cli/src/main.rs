@@ -16,6 +16,7 @@ mod demo;
 mod distill;
 mod eval;
 mod finetune;
+mod method_args;
 mod model;
 mod noise;
 mod plot;

@@ -182,16 +182,25 @@ fn scores_are_the_probe_probability_of_the_teacher_label() {
         let p = (row[y as usize] as f64).exp() / z;
         assert!((p - r.hard.scores[i] as f64).abs() < 1e-5, "row {i}: probe p {p}, score {}", r.hard.scores[i]);
     }
-    // The kept rows are exactly those with the highest scores.
-    let min_kept = r.hard.kept.iter().map(|&i| r.hard.scores[i]).fold(f32::INFINITY, f32::min);
-    assert!(r.hard.relabelled.iter().all(|&i| r.hard.scores[i] <= min_kept));
+    // Within each teacher class, the kept rows are exactly those with the highest scores.
+    for c in 0..CLASSES as u32 {
+        let of_c = |rows: &[usize]| rows.iter().copied().filter(|&i| r.teacher[i] == c).collect::<Vec<_>>();
+        let min_kept = of_c(&r.hard.kept).iter().map(|&i| r.hard.scores[i]).fold(f32::INFINITY, f32::min);
+        assert!(of_c(&r.hard.relabelled).iter().all(|&i| r.hard.scores[i] <= min_kept), "class {c}");
+    }
 }
 
 #[test]
 fn keep_fraction_is_respected() {
     let r = run();
     for out in [&r.hard, &r.soft] {
-        assert_eq!(out.kept.len(), EXAMPLES / 2);
+        // Half of each teacher class (rounded), so about half of all.
+        for c in 0..CLASSES as u32 {
+            let n = r.teacher.iter().filter(|&&y| y == c).count();
+            let kept = out.kept.iter().filter(|&&i| r.teacher[i] == c).count();
+            assert_eq!(kept, (0.5 * n as f64).round() as usize, "class {c} of {n} rows");
+        }
+        assert!(out.kept.len().abs_diff(EXAMPLES / 2) <= CLASSES / 2);
         let mut all: Vec<usize> = out.kept.iter().chain(&out.relabelled).copied().collect();
         all.sort_unstable();
         assert_eq!(all, (0..EXAMPLES).collect::<Vec<_>>());
@@ -201,14 +210,33 @@ fn keep_fraction_is_respected() {
     assert!(p.iter().all(|row| row.len() == CLASSES && (row.iter().sum::<f32>() - 1.0).abs() < 1e-4));
 
     let scores = [0.9, 0.1, 0.5, 0.5, 0.7, 0.2, 0.5];
-    assert_eq!(partition(&scores, 0.5).unwrap(), (vec![0, 2, 3, 4], vec![1, 5, 6]));
-    assert_eq!(partition(&scores, 0.3).unwrap(), (vec![0, 4], vec![1, 2, 3, 5, 6]));
-    assert_eq!(partition(&scores, 0.01).unwrap().0, vec![0]);
-    assert_eq!(partition(&scores, 0.99).unwrap().1, vec![1]);
+    let one = [0; 7];
+    assert_eq!(partition(&scores, &one, 0.5).unwrap(), (vec![0, 2, 3, 4], vec![1, 5, 6]));
+    assert_eq!(partition(&scores, &one, 0.3).unwrap(), (vec![0, 4], vec![1, 2, 3, 5, 6]));
+    assert_eq!(partition(&scores, &one, 0.01).unwrap().0, vec![0]);
+    assert_eq!(partition(&scores, &one, 0.99).unwrap().1, vec![1]);
     for bad in [0.0, 1.0, -0.5, f64::NAN] {
-        assert!(partition(&scores, bad).is_err(), "keep {bad}");
+        assert!(partition(&scores, &one, bad).is_err(), "keep {bad}");
     }
-    assert!(partition(&[0.5], 0.5).is_err());
+    assert!(partition(&[0.5], &[0], 0.5).is_err());
+    assert!(partition(&scores, &[0; 6], 0.5).is_err());
+}
+
+/// The kept share is taken class by class: a class whose scores are all low (the probe fits it
+/// worse) keeps its top share instead of being relabelled wholesale.
+#[test]
+fn each_teacher_class_keeps_its_share() {
+    let scores = [0.9, 0.3, 0.8, 0.95, 0.2, 0.85, 0.25, 0.1];
+    let classes = [0, 1, 0, 0, 1, 0, 1, 1];
+    // Globally the top half would be rows 0, 2, 3, 5: all of class 0.
+    let (kept, relabelled) = partition(&scores, &classes, 0.5).unwrap();
+    assert_eq!(kept, vec![0, 1, 3, 6]);
+    assert_eq!(relabelled, vec![2, 4, 5, 7]);
+    // keep 0.25 of 4 rows a class: one each.
+    assert_eq!(partition(&scores, &classes, 0.25).unwrap().0, vec![1, 3]);
+    // A class of one row keeps it (rounded half up); one row is still relabelled overall.
+    assert_eq!(partition(&[0.9, 0.2], &[0, 1], 0.5).unwrap(), (vec![0], vec![1]));
+    assert_eq!(partition(&[0.1, 0.9, 0.5], &[0, 1, 2], 0.01).unwrap(), (vec![1], vec![0, 2]));
 }
 
 #[test]

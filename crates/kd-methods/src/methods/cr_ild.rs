@@ -295,7 +295,8 @@ pub fn stage1<'t>(teacher: &'t Bert, student: &Bert, cfg: CrIldConfig) -> Result
     Ok(CrIld { teacher, cfg, teacher_acts: None, clean_acts: None, mixup: None, projection })
 }
 
-/// Stage 2: logit KD at T = 2, soft term only (the official `--mode KD`).
+/// Stage 2 of the official code: logit KD at T = 2, soft term only (`--mode KD`). `kd-cli`
+/// runs ild's stage 2 instead (kd with its `--alpha`/`--temperature`; `--alpha 1` is this).
 pub fn stage2(teacher: &mut dyn TeacherLogits) -> Kd<'_> {
     Kd::new(teacher, 1.0, STAGE2_TEMPERATURE)
 }

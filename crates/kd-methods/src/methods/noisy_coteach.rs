@@ -13,13 +13,14 @@
 //!   keep_A = the k examples of smallest l_B                      # each is chosen by its peer
 //!   keep_B = the k examples of smallest l_A
 //!   update A on mean_{i in keep_A} l_A(i);  update B on mean_{i in keep_B} l_B(i)
-//! keep the student with the better dev score
+//! return A (or, by the caller's choice, `keep_better`: the student with the better dev score)
 //! ```
 //!
 //! Small-loss examples are likely clean, and two differently initialised students make
 //! different mistakes, so each filters label noise the other would memorise. A is the trainer's
 //! student; [`CoTeach`], A's objective, owns B and updates it inside [`Objective::loss`] on the
-//! same batch (B's own dropout seed) before the trainer updates A; B and its optimiser are saved
+//! same batch (B's own dropout seed: co-teaching needs both students' losses on one batch, so
+//! both see the same batch order) before the trainer updates A; B and its optimiser are saved
 //! in the checkpoint beside A, so a resumed run ends bit for bit where an uninterrupted one does.
 //! Classification only.
 

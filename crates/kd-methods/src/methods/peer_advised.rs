@@ -6,7 +6,8 @@
 //! ```text
 //! S0 = train(init(), X, Y_t, epochs = 2)                    # the probe, on every teacher label
 //! score[i] = p_S0(y_t[i] | x_i)                             # convergence score (B §4.7)
-//! High = the `keep` fraction of rows with the highest score; Low = the rest
+//! High = per teacher-label class c, the `keep` fraction of c's rows with the highest score;
+//!        Low = the rest                                     # a skewed class keeps its share
 //! S1 = train(init(), X[High], Y_t[High])                    # the peer
 //! Y_peer = S1(X[Low])                                       # its argmax
 //! S2 = train(init(), X, Y_t[High] ∪ Y_peer)                 # the student returned
@@ -98,7 +99,7 @@ pub fn peer_advised(
     let scores =
         convergence_scores(&predict(&probe, &subset(items, &all).items, cfg.probe.batch_size)?, &labels.hard());
     drop(probe);
-    let (kept, relabelled) = partition(&scores, cfg.keep)?;
+    let (kept, relabelled) = partition(&scores, &labels.hard(), cfg.keep)?;
 
     let peer = fit("peer", &kept, labels, &cfg.train)?;
     let peer_logits = predict(&peer, &subset(items, &relabelled).items, cfg.train.batch_size)?;
@@ -124,17 +125,40 @@ pub fn convergence_scores(logits: &[Vec<f32>], labels: &[u32]) -> Vec<f32> {
         .collect()
 }
 
-/// Splits the rows into the `keep` fraction with the highest scores (at least one row, ties to
-/// the earlier row) and the rest, both ascending.
-pub fn partition(scores: &[f32], keep: f64) -> Result<(Vec<usize>, Vec<usize>)> {
+/// Splits the rows into those kept and the rest, both ascending: within each class of
+/// `classes` (the teacher's label of each row), the `keep` fraction of its rows (rounded) with
+/// the highest scores, ties to the earlier row. Class by class, so that a class the probe fits
+/// worse (a minority or harder class, whose scores are lower) keeps its share instead of being
+/// relabelled wholesale. At least one row is kept and one relabelled overall.
+pub fn partition(scores: &[f32], classes: &[u32], keep: f64) -> Result<(Vec<usize>, Vec<usize>)> {
     let n = scores.len();
-    let k = kept_count(n, keep)?;
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    let (high, low) = order.split_at_mut(k);
+    kept_count(n, keep)?;
+    if classes.len() != n {
+        return Err(Error::Invalid(format!("{} classes for {n} scores", classes.len())));
+    }
+    let by_score = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
+    let mut by_class: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (i, &c) in classes.iter().enumerate() {
+        by_class.entry(c).or_default().push(i);
+    }
+    let (mut high, mut low) = (Vec::new(), Vec::new());
+    for rows in by_class.values_mut() {
+        rows.sort_by(by_score);
+        let k = ((keep * rows.len() as f64).round() as usize).min(rows.len());
+        high.extend_from_slice(&rows[..k]);
+        low.extend_from_slice(&rows[k..]);
+    }
+    // Tiny classes can round to keeping nothing or everything.
+    if high.is_empty() {
+        let best = (0..low.len()).min_by(|&a, &b| by_score(&low[a], &low[b])).unwrap_or(0);
+        high.push(low.remove(best));
+    } else if low.is_empty() {
+        let worst = (0..high.len()).max_by(|&a, &b| by_score(&high[a], &high[b])).unwrap_or(0);
+        low.push(high.remove(worst));
+    }
     high.sort_unstable();
     low.sort_unstable();
-    Ok((high.to_vec(), low.to_vec()))
+    Ok((high, low))
 }
 
 /// How many of `n` rows `keep` keeps: at least one, and at least one left to relabel.
