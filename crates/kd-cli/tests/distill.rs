@@ -33,8 +33,9 @@ fn teacher(dir: &Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
     Some((teacher, task))
 }
 
-fn distill(teacher: &Path, task: &Path, out: &Path, method: &[&str]) -> serde_json::Value {
-    let mut args = vec![
+/// `distill`'s flags for a 1-epoch run of the 1-layer student, before the method's.
+fn distill_args<'a>(teacher: &'a Path, task: &'a Path, out: &'a Path, cache: &'a Path) -> Vec<&'a str> {
+    vec![
         "distill",
         "--teacher",
         s(teacher),
@@ -56,9 +57,13 @@ fn distill(teacher: &Path, task: &Path, out: &Path, method: &[&str]) -> serde_js
         "1e-4",
         "--json",
         "--cache-dir",
-    ];
+        s(cache),
+    ]
+}
+
+fn distill(teacher: &Path, task: &Path, out: &Path, method: &[&str]) -> serde_json::Value {
     let cache = out.parent().unwrap().join("cache");
-    args.push(s(&cache));
+    let mut args = distill_args(teacher, task, out, &cache);
     args.extend_from_slice(method);
     let result = last_json(&ok(kd(&args)));
     // The saved student is an HF folder that `eval` reloads to the same metrics.
@@ -150,32 +155,8 @@ fn unlabeled_text_and_augmented_copies_extend_the_kd_epoch() {
     ok(kd(&["train-generator", "--model", s(&model), "--text", s(&extra), "--out", s(&generator), "--epochs", "1"]));
     let cache = dir.join("cache");
     let run = |method: &str, out: &Path, transfer: &[&str]| {
-        let mut args = vec![
-            "distill",
-            "--method",
-            method,
-            "--teacher",
-            s(&teacher),
-            "--student-layers",
-            "0",
-            "--task",
-            "sst2",
-            "--data",
-            s(&task),
-            "--out",
-            s(out),
-            "--epochs",
-            "1",
-            "--batch",
-            "16",
-            "--max-len",
-            "32",
-            "--log-every",
-            "1",
-            "--json",
-            "--cache-dir",
-            s(&cache),
-        ];
+        let mut args = distill_args(&teacher, &task, out, &cache);
+        args.extend_from_slice(&["--method", method, "--log-every", "1"]);
         args.extend_from_slice(transfer);
         kd(&args)
     };
