@@ -12,13 +12,18 @@
 #   ce       the student on the gold rows alone (CE_EPOCHS, 10: a small set needs more passes)
 #   kd       the student on the gold rows plus the transfer text (KD_EPOCHS, 1), a = 0.5, T = 2
 #   ild, cr-ild  the same data through their stages (stage 1 also on the transfer text)
+# Methods that make their own extra text, on the gold rows alone (CE_EPOCHS), against kd-gold:
+#   kd-gold     kd on the gold rows alone
+#   kd-augment  kd on the gold rows plus AUGMENT (4) TinyBERT-style copies of each from GENERATOR
+#   mate-kd     MATE-KD with GENERATOR (a train-generator folder)
+# Students batch by length (--group-by-length: a third of the padding on SST-2's short texts).
 # Each student is run for every seed in SEEDS (42 43 44 45 46); results are paired by seed.
 # One JSON line a run goes to OUT_DIR/results.jsonl (a run already there is skipped, so the
 # script resumes); scripts/transfer_table.py turns it into the tables.
 #
 # Environment: KD_CLI (target/release/kd-cli), DEVICE (cpu), KD_MODELS (~/.cache/kd/models),
 # KD_ASSETS (../shared: GLUE under data/glue), SEEDS, TEST_ROWS, GOLD_ROWS, TEACHER_EPOCHS,
-# CE_EPOCHS, KD_EPOCHS, MAX_LEN (64).
+# CE_EPOCHS, KD_EPOCHS, MAX_LEN (64), GENERATOR, AUGMENT.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 [[ $# -ge 1 ]] || { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2; exit 2; }
@@ -69,15 +74,15 @@ fi
 
 done_run() { grep -q "\"run\": \"$1\"" "$results"; }
 
-# record NAME SEED MODEL_DIR SECONDS: the model's test accuracy (and its dev accuracy) as one line.
+# record METHOD SEED MODEL_DIR SECONDS: the model's test accuracy (and its dev accuracy) as one line.
 record() {
-    local name=$1 seed=$2 model=$3 seconds=$4 test dev
+    local method=$1 seed=$2 model=$3 seconds=$4 test dev
     test=$("$cli" eval --model "$model" --task sst2 --data "$data/test" --max-len "$max_len" --device "$device" --json | tail -1)
     dev=$("$cli" eval --model "$model" --task sst2 --data "$data/gold" --max-len "$max_len" --device "$device" --json | tail -1)
-    python3 - "$results" "$name" "$seed" "$seconds" "$test" "$dev" <<'PY'
+    python3 - "$results" "$method" "$seed" "$seconds" "$test" "$dev" <<'PY'
 import json, sys
-results, name, seed, seconds, test, dev = sys.argv[1:]
-method = name.split("-")[0] if not name.startswith("cr-ild") else "cr-ild"
+results, method, seed, seconds, test, dev = sys.argv[1:]
+name = method if method == "teacher" else f"{method}-{seed}"
 rec = {"run": name, "method": method, "seed": int(seed), "train_seconds": float(seconds),
        "test_accuracy": json.loads(test)["accuracy"], "dev_accuracy": json.loads(dev)["accuracy"]}
 open(results, "a").write(json.dumps(rec) + "\n")
@@ -100,16 +105,21 @@ for seed in "${seeds[@]}"; do
         done_run "$name" && continue
         run=$out/runs/$name
         common=(--teacher "$teacher/best" --student "$models/paraphrase-MiniLM-L3-v2" --task sst2 --data "$data/gold"
-            --out "$run" --max-len "$max_len" --seed "$seed" --device "$device" --cache-dir "$out/cache" --json)
+            --out "$run" --max-len "$max_len" --seed "$seed" --device "$device" --cache-dir "$out/cache" --group-by-length --json)
+        gold_only=(--epochs "${CE_EPOCHS:-10}" --eval-every 30)
+        flag=${method%-gold}
+        flag=${flag%-augment}
         case $method in
-            ce) extra=(--epochs "${CE_EPOCHS:-10}" --eval-every 30) ;;
+            ce | kd-gold) extra=("${gold_only[@]}") ;;
             kd) extra=(--epochs "${KD_EPOCHS:-1}" --eval-every 250 --unlabeled "$data/unlabeled.txt") ;;
             ild | cr-ild) extra=(--epochs "${KD_EPOCHS:-1}" --stage1-epochs 1 --eval-every 250 --unlabeled "$data/unlabeled.txt") ;;
+            kd-augment) extra=("${gold_only[@]}" --augment "${AUGMENT:-4}" --generator "${GENERATOR:?set GENERATOR}") ;;
+            mate-kd) extra=("${gold_only[@]}" --generator "${GENERATOR:?set GENERATOR}") ;;
             *) echo "unknown method $method" >&2; exit 2 ;;
         esac
         t0=$SECONDS
-        "$cli" distill --method "$method" "${common[@]}" "${extra[@]}" >"$out/logs/$name.out" 2>"$out/logs/$name.err"
-        record "$name" "$seed" "$run/best" $((SECONDS - t0))
+        "$cli" distill --method "$flag" "${common[@]}" "${extra[@]}" >"$out/logs/$name.out" 2>"$out/logs/$name.err"
+        record "$method" "$seed" "$run/best" $((SECONDS - t0))
         rm -rf "$run/checkpoint"
     done
 done

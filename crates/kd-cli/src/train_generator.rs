@@ -58,6 +58,9 @@ pub struct Args {
     /// that never had an MLM objective, such as MiniLM sentence encoders.
     #[arg(long)]
     unfreeze: bool,
+    /// Batch texts of similar length together (as `distill --group-by-length`): less padding.
+    #[arg(long)]
+    group_by_length: bool,
     /// Seed of the head's initialisation, the held-out draw, the order and the masks.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -115,12 +118,18 @@ pub fn run(args: Args) -> Result<()> {
         if args.unfreeze { GeneratorConfig::unfrozen(masking.clone()) } else { GeneratorConfig::new(masking.clone()) };
     (cfg.epochs, cfg.batch_size, cfg.seed) = (args.epochs, args.batch, args.seed);
     cfg.lr = args.lr.unwrap_or(cfg.lr);
+    cfg.group_by_length = args.group_by_length;
 
     let bar = progress_bar(train.len().div_ceil(args.batch) as u64 * args.epochs as u64, "train-generator")?;
     let report = train_generator(&mut generator, &train, &cfg, &mut |event| {
-        if let Event::Step { step, loss, lr, .. } = event {
+        if let Event::Step { step, total_steps, loss, lr, examples_per_s } = event {
+            let message = format!("mlm loss {:.4}  lr {lr:.2e}  {examples_per_s:.0} texts/s", loss.total);
+            // Off a terminal (a run in the background) the bar is hidden: a line now and then.
+            if bar.is_hidden() && (step.is_multiple_of(PLAIN_PROGRESS_EVERY) || step == total_steps) {
+                eprintln!("train-generator: step {step}/{total_steps}: {message}");
+            }
             bar.set_position(step);
-            bar.set_message(format!("mlm loss {:.4}  lr {lr:.2e}", loss.total));
+            bar.set_message(message);
         }
     });
     bar.finish_and_clear();
@@ -135,7 +144,7 @@ pub fn run(args: Args) -> Result<()> {
         let line = json!({
             "train_texts": train.len(), "held_out_texts": held_out.len(), "masked_tokens": before.tokens,
             "before": score(&before), "after": score(&after), "steps": report.steps, "seconds": report.seconds,
-            "unfreeze": cfg.unfreeze, "lr": cfg.lr, "epochs": cfg.epochs,
+            "unfreeze": cfg.unfreeze, "group_by_length": cfg.group_by_length, "lr": cfg.lr, "epochs": cfg.epochs,
             "out": args.out.display().to_string(),
         });
         return crate::print_line(&line.to_string());
@@ -167,6 +176,9 @@ fn bert_masking(tokenizer: &Tokenizer, tokenizer_file: &Path) -> Result<Masking>
     let special = SPECIAL_TOKENS.iter().filter_map(|t| tokenizer.token_to_id(t));
     Ok(Masking::bert(mask, special.chain([tokenizer.pad_id()]).collect()))
 }
+
+/// Steps between the progress lines printed when stderr is not a terminal.
+const PLAIN_PROGRESS_EVERY: u64 = 100;
 
 /// A tenth of the texts (at least one) drawn with `seed` to evaluate on, the rest to train on;
 /// both kept in their original order.

@@ -207,6 +207,8 @@ fn an_interrupted_run_resumes_to_the_same_student() {
             "32",
             "--checkpoint-every",
             "1",
+            // Length-grouped batches too must replay exactly after a resume.
+            "--group-by-length",
             "--json",
         ]
         .map(String::from)

@@ -10,7 +10,7 @@ use kd_model::bert::{Activations, Bert, EncoderBatch, ForwardMode, OutputGrads, 
 use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig};
 use kd_model::BertWeights;
 
-use crate::batching::{collate, gather_targets, BatchTargets, Encoded, EncodedSet, Targets};
+use crate::batching::{collate, epoch_batches, gather_targets, BatchTargets, Encoded, EncodedSet, Targets};
 use crate::checkpoint::{self, CheckpointConfig, OwnPart, Part, PartMut};
 use crate::data::Label;
 use crate::metrics::{task_metrics, MetricKind, Metrics};
@@ -114,6 +114,8 @@ pub struct TrainConfig {
     pub weight_decay: f32,
     pub max_grad_norm: Option<f32>,
     pub seed: u64,
+    /// Batch examples of similar length together ([`epoch_batches`]): less padding, same epoch.
+    pub group_by_length: bool,
     /// Evaluate on dev every this many steps (and always at the end).
     pub eval_every: Option<u64>,
     pub metric: MetricKind,
@@ -182,14 +184,16 @@ pub struct TrainReport {
 /// The batches of a run from batch `resume_at` on, as (epoch, example positions): each epoch's
 /// order is a shuffle seeded by (seed, epoch), so a resumed run replays exactly what an
 /// uninterrupted one does after the interruption.
-pub(crate) fn batches(n: usize, cfg: &TrainConfig, resume_at: u64) -> impl Iterator<Item = (usize, Vec<usize>)> {
-    let (batch_size, seed) = (cfg.batch_size, cfg.seed);
+pub(crate) fn batches<'a>(
+    items: &'a [Encoded],
+    cfg: &TrainConfig,
+    resume_at: u64,
+) -> impl Iterator<Item = (usize, Vec<usize>)> + 'a {
+    let (batch_size, seed, grouped) = (cfg.batch_size, cfg.seed, cfg.group_by_length);
     (0..cfg.epochs)
         .flat_map(move |epoch| {
-            let mut order: Vec<usize> = (0..n).collect();
-            Rng::new(mix64(seed ^ (epoch as u64 + 1))).shuffle(&mut order);
-            let chunks: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
-            chunks.into_iter().map(move |chunk| (epoch, chunk))
+            let mut rng = Rng::new(mix64(seed ^ (epoch as u64 + 1)));
+            epoch_batches(items, batch_size, grouped, &mut rng).into_iter().map(move |chunk| (epoch, chunk))
         })
         .skip(resume_at as usize)
 }
@@ -253,7 +257,7 @@ pub fn train(
         scores.best = resumed.best;
     }
 
-    for (epoch, indices) in batches(train.items.len(), cfg, step) {
+    for (epoch, indices) in batches(&train.items, cfg, step) {
         let indices = &indices[..];
         let t0 = Instant::now();
         let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
@@ -297,17 +301,22 @@ pub fn of_model(model: &'static str) -> impl Fn(kd_model::Error) -> Error {
 }
 
 /// The model's outputs on every example of `items`, in order: `[C]` logits per example.
+/// Batches are cut from the examples sorted by length, so each pads to nearly its own length.
 pub fn predict(model: &Bert, items: &[Encoded], batch_size: usize) -> Result<Vec<Vec<f32>>> {
     let device: Device = model.device();
     let pad = model.config.pad_token_id;
-    let mut out = Vec::with_capacity(items.len());
-    for chunk in items.chunks(batch_size) {
-        let batch = collate(chunk, pad, &device)?;
+    let mut by_length: Vec<usize> = (0..items.len()).collect();
+    by_length.sort_by_key(|&i| items[i].ids.len());
+    let mut out = vec![Vec::new(); items.len()];
+    for chunk in by_length.chunks(batch_size) {
+        let batch = collate(chunk.iter().map(|&i| &items[i]), pad, &device)?;
         let mut acts = model.activations_for(batch.batch, batch.seq, Outputs::LogitsInference)?;
         model.forward(&mut acts, &batch, None, ForwardMode::default())?;
         let logits = acts.logits.as_ref().ok_or_else(|| Error::Config("the model has no classifier head".into()))?;
         let c = logits.last_dim();
-        out.extend(logits.to_vec()?.chunks(c).map(|r| r.to_vec()));
+        for (&i, row) in chunk.iter().zip(logits.to_vec()?.chunks(c)) {
+            out[i] = row.to_vec();
+        }
     }
     Ok(out)
 }
@@ -329,4 +338,37 @@ pub fn evaluate(model: &Bert, set: &EncodedSet, batch_size: usize, metric: Metri
 
 pub fn argmax(row: &[f32]) -> usize {
     row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predict_batches_by_length_and_answers_in_the_callers_order() {
+        let json = serde_json::json!({
+            "model_type": "bert", "vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 8,
+            "initializer_range": 0.5,
+        });
+        let config: kd_model::BertConfig = serde_json::from_value(json).unwrap();
+        let weights = BertWeights::init(&config, 3, 1, &Device::Cpu).unwrap();
+        let model = Bert::new(config, weights);
+        // Lengths 7, 2, 5, 3, 6, 2, 4: sorted batches of 3 mix rows from all over the list.
+        let items: Vec<Encoded> = [7usize, 2, 5, 3, 6, 2, 4]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| Encoded {
+                ids: (0..len as u32).map(|t| 1 + (t + i as u32) % 15).collect(),
+                type_ids: vec![0; len],
+            })
+            .collect();
+        let batched = predict(&model, &items, 3).unwrap();
+        for (item, row) in items.iter().zip(&batched) {
+            let alone = predict(&model, std::slice::from_ref(item), 1).unwrap();
+            for (a, b) in alone[0].iter().zip(row) {
+                assert!((a - b).abs() < 1e-5, "{:?} alone gives {:?}, batched {row:?}", item.ids, alone[0]);
+            }
+        }
+    }
 }

@@ -186,6 +186,7 @@ fn cfg(epochs: usize, batch_size: usize, lr: f32, seed: u64) -> TrainConfig {
         weight_decay: 0.01,
         max_grad_norm: Some(1.0),
         seed,
+        group_by_length: false,
         eval_every: None,
         metric: MetricKind::Accuracy,
         checkpoint: None,

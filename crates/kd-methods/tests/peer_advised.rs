@@ -82,6 +82,7 @@ fn config() -> PeerAdvisedConfig {
         weight_decay: 0.01,
         max_grad_norm: Some(1.0),
         seed: 3,
+        group_by_length: false,
         eval_every: None,
         metric: MetricKind::Accuracy,
         checkpoint: None,

@@ -356,6 +356,7 @@ fn stage1_trains_through_the_trainer_on_task_and_supplementary_text() {
             weight_decay: 0.01,
             max_grad_norm: Some(1.0),
             seed: 1,
+            group_by_length: false,
             eval_every: None,
             metric: MetricKind::Accuracy,
             checkpoint: None,

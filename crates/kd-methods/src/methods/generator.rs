@@ -34,7 +34,7 @@ use kd_model::mlm::MlmActivations;
 use kd_model::optim::{LinearSchedule, Optimizer, OptimizerConfig, Params};
 use kd_model::{BertWeights, MlmHead};
 
-use crate::batching::{collate, Encoded};
+use crate::batching::{collate, epoch_batches, Encoded};
 use crate::trainer::{argmax, of_model, Event, LossLog};
 use crate::{Error, Result};
 
@@ -152,6 +152,8 @@ pub struct GeneratorConfig {
     pub masking: Masking,
     /// Train the encoder and embeddings with the head (dropout on), not the head alone.
     pub unfreeze: bool,
+    /// Batch texts of similar length together (`batching::epoch_batches`).
+    pub group_by_length: bool,
 }
 
 impl GeneratorConfig {
@@ -168,6 +170,7 @@ impl GeneratorConfig {
             seed: 42,
             masking,
             unfreeze: false,
+            group_by_length: false,
         }
     }
 
@@ -315,10 +318,9 @@ pub fn train_generator(
     let (mut step, mut last_epoch_loss) = (0u64, 0.0);
 
     for epoch in 0..cfg.epochs {
-        let mut order: Vec<usize> = (0..text.len()).collect();
-        Rng::new(mix64(cfg.seed ^ (epoch as u64 + 1))).shuffle(&mut order);
+        let mut rng = Rng::new(mix64(cfg.seed ^ (epoch as u64 + 1)));
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
-        for (index, chunk) in order.chunks(cfg.batch_size).enumerate() {
+        for (index, chunk) in epoch_batches(text, cfg.batch_size, cfg.group_by_length, &mut rng).iter().enumerate() {
             let t0 = Instant::now();
             let batch = collate(chunk.iter().map(|&i| &text[i]), pad, &device)?;
             let seed = step_seed(cfg.seed, epoch, index as u64);

@@ -585,7 +585,7 @@ pub fn train(
         scores.best = resumed.best;
     }
 
-    for (_, indices) in batches(train.items.len(), cfg, index) {
+    for (_, indices) in batches(&train.items, cfg, index) {
         let indices = &indices[..];
         let t0 = Instant::now();
         let batch = collate(indices.iter().map(|&i| &train.items[i]), pad, &device)?;
