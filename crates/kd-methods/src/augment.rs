@@ -139,9 +139,6 @@ impl Augmenter<'_> {
 
 #[cfg(test)]
 mod tests {
-    use kd_kernels::Device;
-    use kd_model::{BertConfig, BertWeights};
-
     use super::*;
     use crate::methods::generator::generator_from_encoder;
 
@@ -161,14 +158,7 @@ mod tests {
     }
 
     fn generator() -> Bert {
-        let mut c: BertConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 40, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "intermediate_size": 12, "max_position_embeddings": 16, "initializer_range": 0.5,
-        }))
-        .unwrap();
-        c.set_num_labels(2);
-        let encoder = Bert::new(c.clone(), BertWeights::init(&c, 2, 1, &Device::Cpu).unwrap());
-        generator_from_encoder(&encoder, 2).unwrap()
+        generator_from_encoder(&kd_model::testing::tiny_bert(40, 16, 2, 1), 2).unwrap()
     }
 
     #[test]

@@ -406,14 +406,7 @@ mod tests {
 
     #[test]
     fn teacher_labels_are_its_argmax_or_its_probabilities() {
-        let json = serde_json::json!({
-            "model_type": "bert", "vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 8,
-            "initializer_range": 0.5,
-        });
-        let config: kd_model::BertConfig = serde_json::from_value(json).unwrap();
-        let weights = kd_model::BertWeights::init(&config, 3, 1, &kd_kernels::Device::Cpu).unwrap();
-        let teacher = Bert::new(config, weights);
+        let teacher = kd_model::testing::tiny_bert(16, 8, 3, 1);
         let items = (0..7).map(|i| Encoded { ids: vec![1, 3 + i, 2 + i % 3], type_ids: vec![0; 3] }).collect();
         let set = EncodedSet { items, targets: Targets::Classes(vec![]) };
         let logits = predict(&teacher, &set.items, 3).unwrap();

@@ -346,14 +346,7 @@ mod tests {
 
     #[test]
     fn predict_batches_by_length_and_answers_in_the_callers_order() {
-        let json = serde_json::json!({
-            "model_type": "bert", "vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 8,
-            "initializer_range": 0.5,
-        });
-        let config: kd_model::BertConfig = serde_json::from_value(json).unwrap();
-        let weights = BertWeights::init(&config, 3, 1, &Device::Cpu).unwrap();
-        let model = Bert::new(config, weights);
+        let model = kd_model::testing::tiny_bert(16, 8, 3, 1);
         // Lengths 7, 2, 5, 3, 6, 2, 4: sorted batches of 3 mix rows from all over the list.
         let items: Vec<Encoded> = [7usize, 2, 5, 3, 6, 2, 4]
             .iter()

@@ -34,3 +34,16 @@ pub fn minilm_dir() -> Option<PathBuf> {
     });
     Some(dir.clone())
 }
+
+/// A randomly initialised one-layer BERT (hidden 8, 2 heads) with a `num_labels`-class head, on
+/// the CPU: for tests of code around a model, whose answers do not depend on what it learned.
+pub fn tiny_bert(vocab_size: usize, max_positions: usize, num_labels: usize, seed: u64) -> crate::bert::Bert {
+    let mut config: crate::BertConfig = serde_json::from_value(serde_json::json!({
+        "vocab_size": vocab_size, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 12, "max_position_embeddings": max_positions, "initializer_range": 0.5,
+    }))
+    .expect("a valid tiny config");
+    config.set_num_labels(num_labels);
+    let weights = crate::BertWeights::init(&config, num_labels, seed, &kd_kernels::Device::Cpu).expect("tiny weights");
+    crate::bert::Bert::new(config, weights)
+}

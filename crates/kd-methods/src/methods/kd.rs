@@ -81,21 +81,13 @@ impl Objective for Kd<'_> {
 mod tests {
     use kd_kernels::Device;
     use kd_model::bert::{Bert, ForwardMode};
-    use kd_model::{BertConfig, BertWeights};
 
     use super::*;
     use crate::batching::{collate, gather_targets, Encoded, EncodedSet, Targets};
     use crate::methods::teacher::CachedLogits;
 
     fn model(seed: u64) -> Bert {
-        let mut c: BertConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "intermediate_size": 12, "max_position_embeddings": 8, "initializer_range": 0.5,
-        }))
-        .unwrap();
-        c.set_num_labels(3);
-        let w = BertWeights::init(&c, 3, seed, &Device::Cpu).unwrap();
-        Bert::new(c, w)
+        kd_model::testing::tiny_bert(30, 8, 3, seed)
     }
 
     fn softmax(z: &[f32], t: f32) -> Vec<f64> {
