@@ -16,6 +16,9 @@
 #   kd-gold     kd on the gold rows alone
 #   kd-augment  kd on the gold rows plus AUGMENT (4) TinyBERT-style copies of each from GENERATOR
 #   mate-kd     MATE-KD with GENERATOR (a train-generator folder)
+# and the label-noise methods on the same gold rows, against kd-gold too (the labels are clean
+# here: the question is what they cost when there is no noise to mitigate):
+#   slkd, peer-advised, noisy-relabel, noisy-coteach
 # Students batch by length (--group-by-length: a third of the padding on SST-2's short texts).
 # Each student is run for every seed in SEEDS (42 43 44 45 46); results are paired by seed.
 # One JSON line a run goes to OUT_DIR/results.jsonl (a run already there is skipped, so the
@@ -110,7 +113,7 @@ for seed in "${seeds[@]}"; do
         flag=${method%-gold}
         flag=${flag%-augment}
         case $method in
-            ce | kd-gold) extra=("${gold_only[@]}") ;;
+            ce | kd-gold | slkd | peer-advised | noisy-relabel | noisy-coteach) extra=("${gold_only[@]}") ;;
             kd) extra=(--epochs "${KD_EPOCHS:-1}" --eval-every 250 --unlabeled "$data/unlabeled.txt") ;;
             ild | cr-ild) extra=(--epochs "${KD_EPOCHS:-1}" --stage1-epochs 1 --eval-every 250 --unlabeled "$data/unlabeled.txt") ;;
             kd-augment) extra=("${gold_only[@]}" --augment "${AUGMENT:-4}" --generator "${GENERATOR:?set GENERATOR}") ;;
