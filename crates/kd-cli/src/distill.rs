@@ -243,7 +243,16 @@ pub fn run(mut args: Args) -> Result<()> {
     match &transfer_args.unlabeled {
         Some(path) if takes_transfer => {
             fingerprint.input("--unlabeled contents", hash_path(path)?);
-            transfer.extend(read_texts(&data, path, &tdir.tokenizer)?);
+            let texts = read_texts(&data, path, &tdir.tokenizer)?;
+            let repeats = repeated_rows(&train.items, &texts);
+            if repeats > 0 {
+                eprintln!(
+                    "--unlabeled: {repeats} of its {} texts are also training rows; both are kept (the teacher's \
+                     soft labels on them add to their gold labels)",
+                    texts.len()
+                );
+            }
+            transfer.extend(texts);
         }
         Some(_) => bail!("--unlabeled is an option of --method kd, ild and cr-ild"),
         None => {}
@@ -544,6 +553,14 @@ fn read_texts(data: &DataOptions, path: &Path, tokenizer: &Tokenizer) -> Result<
     Ok(encode_texts(&texts, tokenizer, data.max_len)?)
 }
 
+/// How many of `texts` tokenize exactly as one of the training rows (a user who passes the
+/// whole train file as --unlabeled text with --max-train is told, not silently double-counted).
+fn repeated_rows(train: &[Encoded], texts: &[Encoded]) -> usize {
+    let known: std::collections::HashSet<(&[u32], &[u32])> =
+        train.iter().map(|e| (e.ids.as_slice(), e.type_ids.as_slice())).collect();
+    texts.iter().filter(|e| known.contains(&(e.ids.as_slice(), e.type_ids.as_slice()))).count()
+}
+
 /// The training rows followed by the transfer rows, whose placeholder targets the KD objective
 /// weights to zero (`Kd::first_transfer_row`).
 fn with_transfer_rows(train: &EncodedSet, transfer: Vec<Encoded>) -> EncodedSet {
@@ -567,6 +584,20 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: Args,
+    }
+
+    #[test]
+    fn transfer_texts_that_repeat_a_training_row_are_counted() {
+        let row = |ids: &[u32], types: &[u32]| Encoded { ids: ids.to_vec(), type_ids: types.to_vec() };
+        let train = [row(&[101, 7, 102], &[0, 0, 0]), row(&[101, 8, 102, 9, 102], &[0, 0, 0, 1, 1])];
+        let texts = [
+            row(&[101, 7, 102], &[0, 0, 0]),
+            row(&[101, 7, 102], &[0, 0, 0]),
+            row(&[101, 8, 102, 9, 102], &[0, 0, 0, 0, 0]), // the same tokens as one text, not a pair
+            row(&[101, 9, 102], &[0, 0, 0]),
+        ];
+        assert_eq!(repeated_rows(&train, &texts), 2);
+        assert_eq!(repeated_rows(&train, &texts[2..]), 0);
     }
 
     fn fingerprint(line: &[&str]) -> Fingerprint {
