@@ -653,4 +653,15 @@ mod tests {
         let err = format!("{:#}", same(&cr(&["--objective", "qkv"]), &cr(&[])).unwrap_err());
         assert!(err.contains("--objective was ah and is now qkv"), "{err}");
     }
+
+    /// --group-by-length changes the batches, so it is in the fingerprint, but only when given:
+    /// a run from before the flag existed has no such key and still resumes.
+    #[test]
+    fn group_by_length_is_fingerprinted_only_when_given() {
+        let plain = fingerprint(&["--method", "kd"]);
+        assert!(!plain.0.contains_key("--group-by-length"), "{:?}", plain.0);
+        let grouped = fingerprint(&["--method", "kd", "--group-by-length"]);
+        assert_eq!(grouped.0.get("--group-by-length").map(String::as_str), Some("true"));
+        same(&grouped, &plain).unwrap_err();
+    }
 }
