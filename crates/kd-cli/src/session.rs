@@ -42,7 +42,7 @@ pub struct TrainArgs {
     pub seed: u64,
     /// Batch examples of similar length together: each epoch's shuffle is cut into pools of 50
     /// batches, each pool sorted by length, and the batches shuffled (HF's `group_by_length`).
-    /// Less padding, so faster on short texts (docs/RESULTS.md measures it); not the default,
+    /// Less padding, so faster on short texts (docs/PERFORMANCE.md measures it); not the default,
     /// since it changes which examples share a batch.
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")] // runs without it keep their fingerprint
