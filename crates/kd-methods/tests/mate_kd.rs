@@ -352,16 +352,10 @@ fn regression_compares_with_mse_and_pushes_the_teacher_the_other_way() {
     }
 }
 
-#[test]
-fn a_run_alternates_10_generator_and_100_student_batches() {
-    let mut m = models(0.1);
-    let cfg = config();
-    assert_eq!((cfg.generator_steps, cfg.student_steps), (10, 100));
-    let train = labelled(230, 11);
-    let dev = labelled(20, 12);
-    let tc = TrainConfig {
-        epochs: 2,
-        batch_size: 2,
+fn train_config(epochs: usize, batch_size: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size,
         lr: 1e-3,
         warmup_ratio: 0.1,
         weight_decay: 0.01,
@@ -371,7 +365,17 @@ fn a_run_alternates_10_generator_and_100_student_batches() {
         eval_every: None,
         metric: MetricKind::Accuracy,
         checkpoint: None,
-    };
+    }
+}
+
+#[test]
+fn a_run_alternates_10_generator_and_100_student_batches() {
+    let mut m = models(0.1);
+    let cfg = config();
+    assert_eq!((cfg.generator_steps, cfg.student_steps), (10, 100));
+    let train = labelled(230, 11);
+    let dev = labelled(20, 12);
+    let tc = train_config(2, 2);
     let (mut phases, mut evals) = (Vec::new(), 0);
     let report =
         mate_kd::train(&mut m.student, &m.teacher, &mut m.generator, &train, Some(&dev), &tc, &cfg, &mut |e| match e {
@@ -395,6 +399,37 @@ fn a_run_alternates_10_generator_and_100_student_batches() {
     assert_eq!(runs, [(G, 10), (S, 100), (G, 10), (S, 100), (G, 10)]);
     assert_eq!(evals, 1, "one evaluation, at the end");
     assert!(report.final_metrics.is_some());
+}
+
+/// 20 rows in batches of 2 are 10 batches: all of them generator batches at n_G = 10.
+#[test]
+fn a_run_too_short_to_reach_a_student_batch_is_an_error() {
+    let mut m = models(0.0);
+    let tc = train_config(1, 2);
+    let err = mate_kd::train(
+        &mut m.student,
+        &m.teacher,
+        &mut m.generator,
+        &labelled(20, 1),
+        None,
+        &tc,
+        &config(),
+        &mut |_| {},
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("all 10 batches") && err.to_string().contains("--generator-steps"), "{err}");
+    assert!(mate_kd::train(
+        &mut m.student,
+        &m.teacher,
+        &mut m.generator,
+        &labelled(22, 1),
+        None,
+        &tc,
+        &config(),
+        &mut |_| {}
+    )
+    .is_ok());
 }
 
 #[test]

@@ -552,6 +552,12 @@ pub fn train(
     let steps_per_epoch = train.items.len().div_ceil(cfg.batch_size) as u64;
     let total_batches = steps_per_epoch * cfg.epochs as u64;
     let student_total = (0..total_batches).filter(|&i| mate.phase(i) == Phase::Student).count() as u64;
+    if student_total == 0 {
+        return Err(Error::Config(format!(
+            "mate-kd: all {total_batches} batches of this run are generator batches (the first {} of each cycle), so the student would never train: give it more rows or epochs, or fewer --generator-steps",
+            mate.generator_steps
+        )));
+    }
     let adam = |lr, weight_decay, max_grad_norm, schedule| OptimizerConfig {
         lr,
         weight_decay,
