@@ -230,6 +230,17 @@ impl HiddenProjection {
         Ok(("projection.", &mut self.weights, optimizer))
     }
 
+    /// [`HiddenProjection::update`] for an objective whose projection exists only when the
+    /// widths differ.
+    pub fn update_any(projection: &mut Option<Self>, student: &Optimizer) -> Result<()> {
+        projection.as_mut().map_or(Ok(()), |p| p.update(student))
+    }
+
+    /// [`HiddenProjection::part`], `None` without a projection.
+    pub fn part_of_any<'p>(projection: &'p mut Option<Self>, student: &Optimizer) -> Result<Option<OwnPart<'p>>> {
+        projection.as_mut().map(|p| p.part(student)).transpose()
+    }
+
     /// The projections' optimiser, made on first use at `student`'s place on the schedule.
     fn optimizer<'o>(
         slot: &'o mut Option<Optimizer<ProjectionParams>>,

@@ -26,24 +26,24 @@
 //! with no consistency term: the script's `--use_ic_att --use_ic_rep` live in the A and H
 //! branches, which "QKV" never enters (B §2.5, "paper/code discrepancy").
 //!
-//! Stage 2 ([`stage2`]): logit KD at T = 2 with no hard-label term (alpha = 1), on clean input.
+//! Stage 2 is ild's, which is `kd` (`--alpha`, `--temperature`) on clean input, so that ild - kd
+//! and cr-ild - kd measure stage 1 alone. The official code's stage 2 is logit KD at T = 2 with
+//! no hard-label term: `--alpha 1` (give it to ild and kd too when comparing).
 //!
-//! Where this follows the official code rather than the paper text: the mixup sits on the
-//! embedding output (after LayerNorm and dropout), λ = max(u, 1-u) with u ~ Beta(1,1), partners
-//! are the reversed batch, masks are united, the attention terms mask keys with the example's
-//! own mask m (`m[rev]` for the partner term) rather than m̃, the consistency weight ramps by
-//! 0-based epoch, the consistency target is the student's own no-grad clean pass in train mode,
-//! and stage 2 drops the hard-label term. Where it departs from the code: the losses average
-//! over real tokens (the code pads every batch to 128 and averages over all of them, padding
-//! included; with dynamic padding that average would depend on the batch); the hidden terms
-//! use the union mask m̃ and the relation terms mask by m̃ (the code uses no mask); the attention
-//! divergence is the KL, not its CE form (same gradient); a student of another width than the
-//! teacher's meets it through a learned projection of its last hidden state (the code's
-//! `fit_dense`, here trained by the student's AdamW settings, [`losses::HiddenProjection`]; the
-//! consistency terms compare the student with itself, unprojected); no EMA target; stage 2
-//! regression uses `MSE(z_s, z_t)` where the code divides both by T (a constant factor 1/T²);
-//! the trainer keeps the last, smaller batch of an epoch, which the code skips (in an odd batch
-//! the middle example is its own partner, so it is seen unmixed).
+//! Where this follows the official code rather than the paper text: the mixup sits on the embedding
+//! output (after LayerNorm and dropout), λ = max(u, 1-u) with u ~ Beta(1,1), partners are the
+//! reversed batch, masks are united, the attention terms mask keys with the example's own mask m
+//! (`m[rev]` for the partner term) rather than m̃, the consistency weight ramps by 0-based epoch,
+//! and the consistency target is the student's own no-grad clean pass in train mode. Where it
+//! departs from the code: the losses average over real tokens (the code pads every batch to 128 and
+//! averages over all of them, padding included; with dynamic padding that average would depend on
+//! the batch); the hidden terms use the union mask m̃ and the relation terms mask by m̃ (the code
+//! uses no mask); the attention divergence is the KL, not its CE form (same gradient); a student of
+//! another width than the teacher's meets it through a learned projection of its last hidden state
+//! (the code's `fit_dense`, here trained by the student's AdamW settings,
+//! [`losses::HiddenProjection`]; the consistency terms compare the student with itself,
+//! unprojected); no EMA target; the trainer keeps the last, smaller batch of an epoch, which the
+//! code skips (in an odd batch the middle example is its own partner, so it is seen unmixed).
 
 use std::str::FromStr;
 
@@ -58,15 +58,12 @@ use crate::batching::{EncodedSet, Targets};
 use crate::checkpoint::OwnPart;
 use crate::data::GlueTask;
 use crate::losses::{self, HiddenProjection};
-use crate::methods::kd::{Kd, TeacherLogits};
 use crate::methods::teacher::check_compatible;
 use crate::trainer::{LossLog, Objective, StepInput};
 use crate::{Error, Result};
 
 /// The consistency weight of the official scripts (`--w_ic 0.1`).
 pub const W_IC: f32 = 0.1;
-/// Stage 2's temperature (`opts.py`).
-pub const STAGE2_TEMPERATURE: f32 = 2.0;
 
 /// What stage 1 aligns on the last layer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -295,12 +292,6 @@ pub fn stage1<'t>(teacher: &'t Bert, student: &Bert, cfg: CrIldConfig) -> Result
     Ok(CrIld { teacher, cfg, teacher_acts: None, clean_acts: None, mixup: None, projection })
 }
 
-/// Stage 2 of the official code: logit KD at T = 2, soft term only (`--mode KD`). `kd-cli`
-/// runs ild's stage 2 instead (kd with its `--alpha`/`--temperature`; `--alpha 1` is this).
-pub fn stage2(teacher: &mut dyn TeacherLogits) -> Kd<'_> {
-    Kd::new(teacher, 1.0, STAGE2_TEMPERATURE)
-}
-
 /// Stage 1's training set: the task's examples, then the supplementary unlabelled ones. Stage
 /// 1 reads no targets, so the supplementary examples carry placeholders (class 0 or score 0)
 /// that only keep the set index-aligned; never train on this set with a labelled objective.
@@ -487,14 +478,11 @@ impl Objective for CrIld<'_> {
     }
 
     fn update_own(&mut self, student: &Optimizer) -> Result<()> {
-        match &mut self.projection {
-            Some(p) => p.update(student),
-            None => Ok(()),
-        }
+        HiddenProjection::update_any(&mut self.projection, student)
     }
 
     fn own_part(&mut self, student: &Optimizer) -> Result<Option<OwnPart<'_>>> {
-        self.projection.as_mut().map(|p| p.part(student)).transpose()
+        HiddenProjection::part_of_any(&mut self.projection, student)
     }
 }
 

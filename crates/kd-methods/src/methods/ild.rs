@@ -91,14 +91,11 @@ impl Objective for Ild<'_> {
     }
 
     fn update_own(&mut self, student: &Optimizer) -> Result<()> {
-        match &mut self.projection {
-            Some(p) => p.update(student),
-            None => Ok(()),
-        }
+        HiddenProjection::update_any(&mut self.projection, student)
     }
 
     fn own_part(&mut self, student: &Optimizer) -> Result<Option<OwnPart<'_>>> {
-        self.projection.as_mut().map(|p| p.part(student)).transpose()
+        HiddenProjection::part_of_any(&mut self.projection, student)
     }
 }
 
