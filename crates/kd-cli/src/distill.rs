@@ -371,6 +371,11 @@ pub fn run(mut args: Args) -> Result<()> {
             let stage1_set = cr_ild::stage1_set(kd_set, supplementary.as_ref());
             let cr_cfg = args.cr_ild_config();
             let e1 = cr_cfg.epochs;
+            if cr_cfg.consistency_never_acts() {
+                eprintln!(
+                    "cr-ild: the consistency weight ramps from 0 by stage-1 epoch, so in a 1-epoch stage 1 it stays 0 and only the mixup ILD term trains (--stage1-epochs 2 or more to use it)"
+                );
+            }
             let mut stage1 = cr_ild::stage1(&teacher, &student, cr_cfg)?;
             session.train("cr-ild", &mut student, &stage1_set, None, &mut stage1, &cfg("cr-ild", e1))?;
             // Stage 2 is ild's (and kd's): --alpha and --temperature.

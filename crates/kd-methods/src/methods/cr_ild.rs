@@ -104,6 +104,12 @@ impl CrIldConfig {
     pub fn new(epochs: usize, seed: u64) -> Self {
         CrIldConfig { objective: Stage1Objective::default(), w_ic: W_IC, epochs, seed }
     }
+
+    /// True when a consistency term is asked for (`ah`, w_ic > 0) but the ramp, 0 in the first
+    /// epoch, never leaves 0 because stage 1 has a single epoch.
+    pub fn consistency_never_acts(&self) -> bool {
+        self.objective == Stage1Objective::AttentionHidden && self.w_ic > 0.0 && self.epochs < 2
+    }
 }
 
 /// Stage 1's epochs in the official code (`default_params`, forced for every TinyBERT-type

@@ -382,7 +382,11 @@ fn stage1_trains_through_the_trainer_on_task_and_supplementary_text() {
 }
 
 #[test]
-fn objectives_parse_and_stage1_epochs_follow_the_official_table() {
+fn the_stage1_settings_follow_the_official_code() {
+    assert!(CrIldConfig::new(1, 0).consistency_never_acts());
+    assert!(!CrIldConfig::new(2, 0).consistency_never_acts());
+    assert!(!CrIldConfig { w_ic: 0.0, ..CrIldConfig::new(1, 0) }.consistency_never_acts());
+    assert!(!CrIldConfig { objective: Stage1Objective::Qkv, ..CrIldConfig::new(1, 0) }.consistency_never_acts());
     assert_eq!("qkv".parse::<Stage1Objective>().unwrap(), Stage1Objective::Qkv);
     assert_eq!("ah".parse::<Stage1Objective>().unwrap(), Stage1Objective::AttentionHidden);
     assert!("a+h".parse::<Stage1Objective>().is_err());
