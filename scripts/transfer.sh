@@ -11,7 +11,10 @@
 #   teacher  L6 fine-tuned on every train row outside the test set (TEACHER_EPOCHS, 1), best on dev
 #   ce       the student on the gold rows alone (CE_EPOCHS, 10: a small set needs more passes)
 #   kd       the student on the gold rows plus the transfer text (KD_EPOCHS, 1), a = 0.5, T = 2
-#   ild, cr-ild  the same data through their stages (stage 1 also on the transfer text)
+#   ild, cr-ild  the same data through their stages (stage 1 also on the transfer text): ild's
+#            stage 1 runs 1 epoch; cr-ild's runs CR_ILD_STAGE1_EPOCHS (2), because its consistency
+#            weight ramps by 0-based epoch (0 in the first) and a 1-epoch stage 1 would make cr-ild
+#            mixup ILD with the consistency term never acting
 # Methods that make their own extra text, on the gold rows alone (CE_EPOCHS), against kd-gold:
 #   kd-gold     kd on the gold rows alone
 #   kd-augment  kd on the gold rows plus AUGMENT (4) TinyBERT-style copies of each from GENERATOR
@@ -26,7 +29,7 @@
 #
 # Environment: KD_CLI (target/release/kd-cli), DEVICE (cpu), KD_MODELS (~/.cache/kd/models),
 # KD_ASSETS (../shared: GLUE under data/glue), SEEDS, TEST_ROWS, GOLD_ROWS, TEACHER_EPOCHS,
-# CE_EPOCHS, KD_EPOCHS, MAX_LEN (64), GENERATOR, AUGMENT.
+# CE_EPOCHS, KD_EPOCHS, CR_ILD_STAGE1_EPOCHS, MAX_LEN (64), GENERATOR, AUGMENT.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 [[ $# -ge 1 ]] || { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2; exit 2; }
@@ -115,7 +118,9 @@ for seed in "${seeds[@]}"; do
         case $method in
             ce | kd-gold | slkd | peer-advised | noisy-relabel | noisy-coteach) extra=("${gold_only[@]}") ;;
             kd) extra=(--epochs "${KD_EPOCHS:-1}" --eval-every 250 --unlabeled "$data/unlabeled.txt") ;;
-            ild | cr-ild) extra=(--epochs "${KD_EPOCHS:-1}" --stage1-epochs 1 --eval-every 250 --unlabeled "$data/unlabeled.txt") ;;
+            ild) extra=(--epochs "${KD_EPOCHS:-1}" --stage1-epochs 1 --eval-every 250 --unlabeled "$data/unlabeled.txt") ;;
+            cr-ild) extra=(--epochs "${KD_EPOCHS:-1}" --stage1-epochs "${CR_ILD_STAGE1_EPOCHS:-2}" --eval-every 250
+                --unlabeled "$data/unlabeled.txt") ;;
             kd-augment) extra=("${gold_only[@]}" --augment "${AUGMENT:-4}" --generator "${GENERATOR:?set GENERATOR}") ;;
             mate-kd) extra=("${gold_only[@]}" --generator "${GENERATOR:?set GENERATOR}") ;;
             *) echo "unknown method $method" >&2; exit 2 ;;
