@@ -2,7 +2,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 use kd_kernels::Device;
 use kd_methods::data::{Column, Dataset, GlueTask, Split};
@@ -116,6 +116,31 @@ pub fn split_name(split: Split) -> &'static str {
 /// `--device`: `cpu`, `cuda` or `cuda:N`.
 pub fn device(spec: &str) -> Result<Device> {
     Device::parse(spec).with_context(|| format!("--device {spec}"))
+}
+
+/// The batch size and device of a command that only runs models forward (eval, predict,
+/// pseudo-label).
+#[derive(clap::Args, Debug)]
+pub struct InferenceArgs {
+    /// Examples per forward pass.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    batch: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl InferenceArgs {
+    /// --batch, refused when 0.
+    pub fn batch(&self) -> Result<usize> {
+        ensure!(self.batch > 0, "--batch must be at least 1");
+        Ok(self.batch)
+    }
+
+    /// --device, parsed (a CUDA device that is not there is an error here).
+    pub fn device(&self) -> Result<Device> {
+        device(&self.device)
+    }
 }
 
 /// Says on stderr which rows `--skip-bad-rows` dropped, so none are lost silently.

@@ -7,7 +7,7 @@ use kd_methods::data::Split;
 use kd_methods::task::Labels;
 use kd_methods::trainer::evaluate;
 
-use crate::args::{device, report_skipped, split_name, DataArgs, SplitArg};
+use crate::args::{report_skipped, split_name, DataArgs, InferenceArgs, SplitArg};
 use crate::model::{check_task, label_names, ModelDir};
 use crate::report::print_result;
 
@@ -21,21 +21,17 @@ pub struct Args {
     /// The labelled split to evaluate on.
     #[arg(long, value_enum, default_value = "dev")]
     split: SplitArg,
-    /// Examples per forward pass.
-    #[arg(long, value_name = "N", default_value_t = 32)]
-    batch: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    inference: InferenceArgs,
     /// Print the result as one JSON object (the last line of stdout).
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    ensure!(args.batch > 0, "--batch must be at least 1");
+    let batch = args.inference.batch()?;
     ensure!(args.split != SplitArg::Test, "the test split is unlabelled: use kd-cli predict");
-    let device = device(&args.device)?;
+    let device = args.inference.device()?;
     let data = args.data.options(None)?;
     let model = ModelDir::open(&args.model)?;
     model.check_max_len(data.max_len)?;
@@ -49,7 +45,7 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("loading the {} data", split_name(split)))?;
     report_skipped(&loaded.data);
     let started = Instant::now();
-    let metrics = evaluate(&bert, &loaded.set, args.batch, data.source.metric())?;
+    let metrics = evaluate(&bert, &loaded.set, batch, data.source.metric())?;
     let seconds = started.elapsed().as_secs_f64();
     print_result(args.json, &data.source.name(split), split_name(split), loaded.set.items.len(), seconds, &metrics)
 }

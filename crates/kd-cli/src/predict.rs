@@ -1,12 +1,12 @@
 //! `kd-cli predict`: one JSON line per example with the model's prediction.
 use std::path::PathBuf;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use kd_methods::data::Split;
 use kd_methods::trainer::{argmax, predict};
 use serde_json::json;
 
-use crate::args::{device, report_skipped, DataArgs, SplitArg};
+use crate::args::{report_skipped, DataArgs, InferenceArgs, SplitArg};
 use crate::model::{is_regression, label_names, ModelDir};
 use crate::run_dir::{check_out_file, remove_stale_temps_beside};
 
@@ -26,16 +26,12 @@ pub struct Args {
     /// Write the JSON lines to FILE instead of stdout.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
-    /// Examples per forward pass.
-    #[arg(long, value_name = "N", default_value_t = 32)]
-    batch: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    inference: InferenceArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    ensure!(args.batch > 0, "--batch must be at least 1");
+    let batch = args.inference.batch()?;
     if let Some(out) = &args.out {
         let mut inputs = args.data.inputs();
         inputs.push(("--model", args.model.as_path()));
@@ -45,7 +41,7 @@ pub fn run(args: Args) -> Result<()> {
         check_out_file("--out", out, &inputs)?;
         remove_stale_temps_beside(out);
     }
-    let device = device(&args.device)?;
+    let device = args.inference.device()?;
     let split = if args.input.is_some() { Split::Test } else { Split::from(args.split) };
     let data = args.data.options(args.input.clone())?;
     let model = ModelDir::open(&args.model)?;
@@ -54,7 +50,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let (dataset, items) = data.unlabelled(split, &model.tokenizer).context("loading the data")?;
     report_skipped(&dataset);
-    let outputs = predict(&bert, &items, args.batch)?;
+    let outputs = predict(&bert, &items, batch)?;
     let regression = is_regression(&bert.config);
     let names = label_names(&bert.config);
     let mut text = String::new();

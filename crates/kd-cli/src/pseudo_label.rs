@@ -9,7 +9,7 @@ use kd_methods::data::Split;
 use kd_methods::pseudo::{from_teacher, write_jsonl};
 use serde_json::{json, Map, Value};
 
-use crate::args::{device, report_skipped, split_name, DataArgs, SplitArg};
+use crate::args::{report_skipped, split_name, DataArgs, InferenceArgs, SplitArg};
 use crate::model::{check_task, is_regression, label_names, ModelDir};
 use crate::run_dir::{check_out_file, remove_stale_temps_beside};
 
@@ -32,19 +32,15 @@ pub struct Args {
     /// The JSONL file to write: {"index", "label"} (or {"index", "probs"}) per example.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    /// Examples per forward pass.
-    #[arg(long, value_name = "N", default_value_t = 32)]
-    batch: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    inference: InferenceArgs,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    ensure!(args.batch > 0, "--batch must be at least 1");
+    let batch = args.inference.batch()?;
     let mut inputs = args.data.inputs();
     inputs.push(("--teacher", args.teacher.as_path()));
     if let Some(input) = &args.input {
@@ -52,7 +48,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     check_out_file("--out", &args.out, &inputs)?;
     remove_stale_temps_beside(&args.out);
-    let device = device(&args.device)?;
+    let device = args.inference.device()?;
     let split = if args.input.is_some() { Split::Test } else { Split::from(args.split) };
     let data = args.data.options(args.input.clone())?;
     let model = ModelDir::open(&args.teacher)?;
@@ -69,7 +65,7 @@ pub fn run(args: Args) -> Result<()> {
     report_skipped(&dataset);
     let started = Instant::now();
     let set = EncodedSet { items, targets: Targets::Classes(Vec::new()) };
-    let labels = from_teacher(&teacher, &set, args.batch, args.soft)?;
+    let labels = from_teacher(&teacher, &set, batch, args.soft)?;
     let seconds = started.elapsed().as_secs_f64();
     let names = label_names(&teacher.config);
     write_jsonl(&args.out, &labels, &names)?;

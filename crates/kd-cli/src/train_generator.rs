@@ -123,7 +123,12 @@ pub fn run(args: Args) -> Result<()> {
     let bar = progress_bar(train.len().div_ceil(args.batch) as u64 * args.epochs as u64, "train-generator")?;
     let report = train_generator(&mut generator, &train, &cfg, &mut |event| {
         if let Event::Step { step, total_steps, loss, lr, examples_per_s } = event {
-            let message = format!("mlm loss {:.4}  lr {lr:.2e}  {examples_per_s:.0} texts/s", loss.total);
+            let message = if loss.terms.is_empty() {
+                // Short texts can draw no mask at all: the step had nothing to learn from.
+                format!("no masked token in this batch  lr {lr:.2e}")
+            } else {
+                format!("mlm loss {:.4}  lr {lr:.2e}  {examples_per_s:.0} texts/s", loss.total)
+            };
             // Off a terminal (a run in the background) the bar is hidden: a line now and then.
             if bar.is_hidden() && (step.is_multiple_of(PLAIN_PROGRESS_EVERY) || step == total_steps) {
                 eprintln!("train-generator: step {step}/{total_steps}: {message}");
