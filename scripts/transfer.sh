@@ -113,14 +113,14 @@ for seed in "${seeds[@]}"; do
         common=(--teacher "$teacher/best" --student "$models/paraphrase-MiniLM-L3-v2" --task sst2 --data "$data/gold"
             --out "$run" --max-len "$max_len" --seed "$seed" --device "$device" --cache-dir "$out/cache" --group-by-length --json)
         gold_only=(--epochs "${CE_EPOCHS:-10}" --eval-every 30)
+        transfer=(--epochs "${KD_EPOCHS:-1}" --eval-every 250 --unlabeled "$data/unlabeled.txt")
         flag=${method%-gold}
         flag=${flag%-augment}
         case $method in
             ce | kd-gold | slkd | peer-advised | noisy-relabel | noisy-coteach) extra=("${gold_only[@]}") ;;
-            kd) extra=(--epochs "${KD_EPOCHS:-1}" --eval-every 250 --unlabeled "$data/unlabeled.txt") ;;
-            ild) extra=(--epochs "${KD_EPOCHS:-1}" --stage1-epochs 1 --eval-every 250 --unlabeled "$data/unlabeled.txt") ;;
-            cr-ild) extra=(--epochs "${KD_EPOCHS:-1}" --stage1-epochs "${CR_ILD_STAGE1_EPOCHS:-2}" --eval-every 250
-                --unlabeled "$data/unlabeled.txt") ;;
+            kd) extra=("${transfer[@]}") ;;
+            ild) extra=("${transfer[@]}" --stage1-epochs 1) ;;
+            cr-ild) extra=("${transfer[@]}" --stage1-epochs "${CR_ILD_STAGE1_EPOCHS:-2}") ;;
             kd-augment) extra=("${gold_only[@]}" --augment "${AUGMENT:-4}" --generator "${GENERATOR:?set GENERATOR}") ;;
             mate-kd) extra=("${gold_only[@]}" --generator "${GENERATOR:?set GENERATOR}") ;;
             *) echo "unknown method $method" >&2; exit 2 ;;
