@@ -6,7 +6,7 @@
 #   e4  1 epoch from e3 on all five GLUE train sets' texts (87,807; pairs as tab-separated
 #       lines), --group-by-length (RTE's long pairs would pad every random batch), max-len 128,
 #       seed 43
-# Held out throughout: SST-2's 872 dev sentences. The generator is OUT_DIR/e4 (about 3 CPU-hours
+# Held out throughout: SST-2's 872 dev sentences. The generator is OUT_DIR/e4 (2.2 hours
 # on the 2-core machine; each step's JSON result goes to OUT_DIR/generator.jsonl, and a step
 # already there is skipped, so the script resumes).
 #
